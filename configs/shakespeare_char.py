@@ -1,0 +1,37 @@
+"""Character-level Shakespeare with nanoGPT's CPU settings (validation loss about 1.88).
+
+`--config=configs/shakespeare_char.py` reads ../shared/data/tinyshakespeare.txt beside the repo;
+`--config.data.corpus=PATH` points it at any copy.
+"""
+
+import os
+
+from configs import base
+
+DEFAULT_CORPUS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data', 'tinyshakespeare.txt')
+
+
+def get_config(arg=None):
+  del arg
+  config = base.get_config()
+  d = config.data
+  d.corpus = os.path.normpath(DEFAULT_CORPUS)
+  d.tokenizer = 'char'
+  d.val_fraction = 0.1
+  d.seq_len = 64
+  m = config.model
+  m.vocab_multiple_of = 1  # the 65 characters exactly, as nanoGPT
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 128, 4, 4, 4
+  m.max_seq_len = 64
+  m.pos_emb, m.ffn, m.norm = 'learned', 'mlp', 'layernorm'
+  m.use_bias = False
+  m.tie_embeddings = True
+  t = config.train
+  t.steps, t.batch_size, t.log_every = 2000, 12, 100
+  o = config.optim
+  o.lr, o.min_lr_ratio, o.warmup_steps, o.b2 = 1e-3, 0.1, 100, 0.99
+  config.checkpoint.every = 500
+  config.eval.every = 500
+  config.eval.batch_size = 64
+  return config

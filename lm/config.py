@@ -1,0 +1,523 @@
+"""ConfigDict -> frozen dataclasses, validated once, so nothing downstream sees a ConfigDict.
+
+`Config.from_config_dict(cd)` checks every section against its dataclass (a missing or unknown
+key is an error that suggests the nearest valid name), resolves derived sizes (head_dim, d_ff)
+and validates values and combinations, raising `ValueError` that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Mapping
+
+POS_EMBS = ('sinusoidal', 'learned', 'rope', 'alibi', 'relative', 'none')
+FFNS = ('mlp', 'swiglu', 'moe')
+EXPERT_FFNS = ('mlp', 'swiglu')
+NORMS = ('layernorm', 'rmsnorm')
+NORM_POSITIONS = ('pre', 'post')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+ATTENTION_IMPLS = ('xla', 'dot_product_attention')
+REMATS = ('none', 'full', 'dots', 'dots_no_batch')
+DTYPES = ('float32', 'bfloat16', 'float16')
+TOKENIZERS = ('sentencepiece', 'byte', 'char')
+SP_MODEL_TYPES = ('bpe', 'unigram')
+OPTIMIZERS = ('adamw', 'adafactor', 'lion', 'muon')
+SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
+STRATEGIES = ('pmap', 'mesh')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture. Sizes are resolved: head_dim and d_ff are never 0 here."""
+
+  vocab_size: int
+  vocab_multiple_of: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  ffn_multiple_of: int
+  max_seq_len: int
+  pos_emb: str
+  rope_theta: float
+  rope_fraction: float
+  rope_scaling: str
+  rope_scaling_factor: float
+  rope_original_max_seq_len: int
+  rope_low_freq_factor: float
+  rope_high_freq_factor: float
+  relative_num_buckets: int
+  relative_max_distance: int
+  attention_window: int
+  qk_norm: bool
+  attn_logit_softcap: float
+  final_logit_softcap: float
+  attention_impl: str
+  ffn: str
+  num_experts: int
+  top_k: int
+  expert_ffn: str
+  capacity_factor: float
+  router_aux_loss_weight: float
+  router_z_loss_weight: float
+  norm: str
+  norm_eps: float
+  norm_position: str
+  use_bias: bool
+  tie_embeddings: bool
+  embed_dropout: float
+  attn_dropout: float
+  resid_dropout: float
+  init_std: float
+  dtype: str
+  param_dtype: str
+  scan_layers: bool
+  remat: str
+
+  @property
+  def rope_dim(self) -> int:
+    """Dimensions per head that RoPE rotates (even)."""
+    return int(self.head_dim * self.rope_fraction) // 2 * 2
+
+  @property
+  def num_groups(self) -> int:
+    """Query heads per KV head."""
+    return self.num_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpus: str
+  val_fraction: float
+  tokenizer: str
+  tokenizer_path: str
+  vocab_size: int
+  sp_model_type: str
+  sp_train_chars: int
+  seq_len: int
+  packing: bool
+  eval_stride: int
+  cache_dir: str
+  prefetch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  batch_size: int
+  grad_accum: int
+  steps_per_call: int
+  log_every: int
+  max_nan_steps: int
+  init_from: str
+  trainable: tuple[str, ...]
+  peak_flops: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  name: str
+  lr: float
+  schedule: str
+  warmup_steps: int
+  min_lr_ratio: float
+  decay_fraction: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  decay_embeddings: bool
+  grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int
+  keep: int
+  keep_best: int
+  async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int
+  batch_size: int
+  max_batches: int
+  seq_lens: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  stop: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  strategy: str
+  mesh_data: int
+  mesh_fsdp: int
+  mesh_tensor: int
+
+
+_SECTIONS = {
+    'model': ModelConfig,
+    'data': DataConfig,
+    'train': TrainConfig,
+    'optim': OptimConfig,
+    'checkpoint': CheckpointConfig,
+    'eval': EvalConfig,
+    'sample': SampleConfig,
+    'parallel': ParallelConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The whole run, validated. Build it with `Config.from_config_dict`."""
+
+  seed: int
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  optim: OptimConfig
+  checkpoint: CheckpointConfig
+  eval: EvalConfig
+  sample: SampleConfig
+  parallel: ParallelConfig
+
+  @classmethod
+  def from_config_dict(cls, cd: Mapping[str, Any]) -> Config:
+    """Builds and validates; `cd` is a ConfigDict or a plain nested dict (e.g. config.json)."""
+    raw = _to_plain(cd)
+    _check_keys(raw, ['seed', *_SECTIONS], where='')
+    sections = {}
+    for name, section_cls in _SECTIONS.items():
+      values = raw[name]
+      if not isinstance(values, dict):
+        raise ValueError(f'config.{name} must be a section (a ConfigDict), got {values!r}.')
+      _check_keys(values, [f.name for f in dataclasses.fields(section_cls)], where=f'{name}.')
+      if name == 'model':
+        values = _resolve_model_sizes(values)
+      sections[name] = section_cls(**_coerce(section_cls, values, name))
+    config = cls(seed=_coerce_value(raw['seed'], int, 'seed'), **sections)
+    validate(config)
+    return config
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def with_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> ModelConfig:
+  """Fits the model's vocabulary to a tokenizer's.
+
+  `model.vocab_size == 0` takes the tokenizer's size rounded up to `vocab_multiple_of`; an
+  explicit size must hold every token id the tokenizer can produce.
+  """
+  if model.vocab_size == 0:
+    multiple = model.vocab_multiple_of
+    return dataclasses.replace(
+        model, vocab_size=-(-tokenizer_vocab_size // multiple) * multiple)
+  if model.vocab_size < tokenizer_vocab_size:
+    raise ValueError(
+        f'model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s vocabulary '
+        f'({tokenizer_vocab_size} tokens): ids past {model.vocab_size - 1} would have no '
+        f'embedding. Set --config.model.vocab_size=0 (fit the tokenizer) or >= '
+        f'{tokenizer_vocab_size}.')
+  return model
+
+
+def check_devices(config: Config, num_devices: int) -> None:
+  """Checks that the global batch splits evenly over devices and micro-batches."""
+  t = config.train
+  per_step = num_devices * t.grad_accum
+  if t.batch_size % per_step:
+    raise ValueError(
+        f'train.batch_size={t.batch_size} must be divisible by devices x train.grad_accum = '
+        f'{num_devices} x {t.grad_accum} = {per_step}. Use a multiple of {per_step}, e.g. '
+        f'--config.train.batch_size={max(per_step, t.batch_size // per_step * per_step)}.')
+  if config.eval.batch_size % num_devices:
+    raise ValueError(
+        f'eval.batch_size={config.eval.batch_size} must be divisible by the {num_devices} '
+        f'devices. Use a multiple of {num_devices}.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _fail(key: str, problem: str, fix: str) -> None:
+  raise ValueError(f'{key}: {problem}. {fix}')
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    near = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f'Did you mean {near[0]!r}? ' if near else ''
+    _fail(key, f'{value!r} is not one of {", ".join(choices)}', f'{hint}Pick one of those.')
+
+
+def _positive(key: str, value: float) -> None:
+  if value <= 0:
+    _fail(key, f'must be > 0, got {value}', 'Set a positive value.')
+
+
+def _non_negative(key: str, value: float) -> None:
+  if value < 0:
+    _fail(key, f'must be >= 0, got {value}', 'Set 0 or a positive value.')
+
+
+def _probability(key: str, value: float) -> None:
+  if not 0.0 <= value < 1.0:
+    _fail(key, f'must be in [0, 1), got {value}', 'Use a rate such as 0.1, or 0 for none.')
+
+
+def validate(config: Config) -> None:
+  """Raises ValueError naming the key and the fix for any invalid value or combination."""
+  _validate_model(config.model)
+  _validate_data(config.data, config.model)
+  _validate_training(config)
+
+
+def _validate_model(m: ModelConfig) -> None:
+  for key in ('pos_emb', 'ffn', 'expert_ffn', 'norm', 'norm_position', 'rope_scaling',
+              'attention_impl', 'remat', 'dtype', 'param_dtype'):
+    choices = {
+        'pos_emb': POS_EMBS, 'ffn': FFNS, 'expert_ffn': EXPERT_FFNS, 'norm': NORMS,
+        'norm_position': NORM_POSITIONS, 'rope_scaling': ROPE_SCALINGS,
+        'attention_impl': ATTENTION_IMPLS, 'remat': REMATS, 'dtype': DTYPES,
+        'param_dtype': DTYPES}[key]
+    _one_of(f'model.{key}', getattr(m, key), choices)
+  _non_negative('model.vocab_size', m.vocab_size)
+  for key in ('vocab_multiple_of', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',
+              'head_dim', 'd_ff', 'ffn_multiple_of', 'max_seq_len', 'norm_eps', 'init_std'):
+    _positive(f'model.{key}', getattr(m, key))
+  if m.num_heads % m.num_kv_heads:
+    _fail('model.num_kv_heads',
+          f'num_heads={m.num_heads} is not divisible by num_kv_heads={m.num_kv_heads}',
+          'Use num_heads (MHA), 1 (MQA) or a divisor of num_heads (GQA).')
+  for key in ('embed_dropout', 'attn_dropout', 'resid_dropout'):
+    _probability(f'model.{key}', getattr(m, key))
+  for key in ('attention_window', 'attn_logit_softcap', 'final_logit_softcap'):
+    _non_negative(f'model.{key}', getattr(m, key))
+  if m.pos_emb == 'rope':
+    if not 0.0 < m.rope_fraction <= 1.0:
+      _fail('model.rope_fraction', f'must be in (0, 1], got {m.rope_fraction}',
+            'Use 1.0 to rotate every dimension, or e.g. 0.25 for partial rotary.')
+    if m.rope_dim < 2:
+      _fail('model.rope_fraction',
+            f'rotates {m.rope_dim} of head_dim={m.head_dim} dimensions; RoPE needs at least 2',
+            'Raise rope_fraction or head_dim.')
+    _positive('model.rope_theta', m.rope_theta)
+    if m.rope_scaling != 'none' and m.rope_scaling_factor < 1.0:
+      _fail('model.rope_scaling_factor', f'must be >= 1 to extend the context, got '
+            f'{m.rope_scaling_factor}', 'Use e.g. 2.0 to double the context.')
+    if m.rope_scaling == 'llama3' and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+      _fail('model.rope_high_freq_factor',
+            f'must exceed rope_low_freq_factor={m.rope_low_freq_factor}, got '
+            f'{m.rope_high_freq_factor}', 'Llama 3 uses low=1, high=4.')
+  elif m.rope_scaling != 'none':
+    _fail('model.rope_scaling', f'{m.rope_scaling!r} needs pos_emb=rope, got {m.pos_emb!r}',
+          'Set --config.model.pos_emb=rope or rope_scaling=none.')
+  if m.pos_emb == 'relative':
+    _positive('model.relative_num_buckets', m.relative_num_buckets)
+    _positive('model.relative_max_distance', m.relative_max_distance)
+  if m.ffn == 'moe':
+    _positive('model.num_experts', m.num_experts)
+    _positive('model.top_k', m.top_k)
+    if m.top_k > m.num_experts:
+      _fail('model.top_k', f'top_k={m.top_k} exceeds num_experts={m.num_experts}',
+            f'Use top_k <= {m.num_experts}.')
+    _non_negative('model.capacity_factor', m.capacity_factor)
+    _non_negative('model.router_aux_loss_weight', m.router_aux_loss_weight)
+    _non_negative('model.router_z_loss_weight', m.router_z_loss_weight)
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+  _one_of('data.tokenizer', d.tokenizer, TOKENIZERS)
+  _one_of('data.sp_model_type', d.sp_model_type, SP_MODEL_TYPES)
+  if not d.corpus:
+    _fail('data.corpus', 'is empty', 'Use stdlib, a text file, a directory, a glob or a .bin.')
+  if not 0.0 < d.val_fraction < 1.0:
+    _fail('data.val_fraction', f'must be in (0, 1), got {d.val_fraction}',
+          'Use e.g. 0.05 to hold out 5% for validation.')
+  for key in ('seq_len', 'vocab_size', 'sp_train_chars'):
+    _positive(f'data.{key}', getattr(d, key))
+  _non_negative('data.eval_stride', d.eval_stride)
+  _non_negative('data.prefetch', d.prefetch)
+  if d.eval_stride > d.seq_len:
+    _fail('data.eval_stride', f'{d.eval_stride} exceeds data.seq_len={d.seq_len}, which would '
+          'skip tokens', f'Use 0 (= seq_len) or a value <= {d.seq_len}.')
+  if m.pos_emb == 'learned' and d.seq_len > m.max_seq_len:
+    _fail('model.max_seq_len', f'learned positions cover {m.max_seq_len} tokens but '
+          f'data.seq_len={d.seq_len}', f'Set --config.model.max_seq_len={d.seq_len} or more, '
+          'or shorten data.seq_len.')
+
+
+def _validate_training(c: Config) -> None:
+  t, o, k, e, p = c.train, c.optim, c.checkpoint, c.eval, c.parallel
+  for key in ('steps', 'batch_size', 'grad_accum', 'steps_per_call', 'log_every',
+              'max_nan_steps'):
+    _positive(f'train.{key}', getattr(t, key))
+  _non_negative('train.peak_flops', t.peak_flops)
+  if t.batch_size % t.grad_accum:
+    _fail('train.grad_accum', f'train.batch_size={t.batch_size} is not divisible by '
+          f'grad_accum={t.grad_accum}', 'Use a divisor of the batch size.')
+  if t.log_every % t.steps_per_call or k.every % t.steps_per_call or (
+      c.eval.every % t.steps_per_call):
+    _fail('train.steps_per_call', f'{t.steps_per_call} must divide train.log_every='
+          f'{t.log_every}, checkpoint.every={k.every} and eval.every={c.eval.every}',
+          'Pick a common divisor so logs, evaluations and checkpoints land on call boundaries.')
+  _one_of('optim.name', o.name, OPTIMIZERS)
+  _one_of('optim.schedule', o.schedule, SCHEDULES)
+  _positive('optim.lr', o.lr)
+  _non_negative('optim.warmup_steps', o.warmup_steps)
+  if o.warmup_steps > t.steps:
+    _fail('optim.warmup_steps', f'{o.warmup_steps} exceeds train.steps={t.steps}',
+          f'Use at most {t.steps} warmup steps.')
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    _fail('optim.min_lr_ratio', f'must be in [0, 1], got {o.min_lr_ratio}',
+          'Use e.g. 0.1 to decay to a tenth of the peak.')
+  if not 0.0 <= o.decay_fraction <= 1.0:
+    _fail('optim.decay_fraction', f'must be in [0, 1], got {o.decay_fraction}',
+          'Use e.g. 0.2 to decay over the last fifth of training.')
+  for key in ('b1', 'b2'):
+    _probability(f'optim.{key}', getattr(o, key))
+  for key in ('eps', 'weight_decay', 'grad_clip'):
+    _non_negative(f'optim.{key}', getattr(o, key))
+  _positive('checkpoint.every', k.every)
+  _positive('checkpoint.keep', k.keep)
+  _non_negative('checkpoint.keep_best', k.keep_best)
+  _non_negative('eval.every', e.every)
+  _positive('eval.batch_size', e.batch_size)
+  _non_negative('eval.max_batches', e.max_batches)
+  for n in e.seq_lens:
+    _positive('eval.seq_lens', n)
+  s = c.sample
+  _non_negative('sample.max_new_tokens', s.max_new_tokens)
+  _non_negative('sample.temperature', s.temperature)
+  _non_negative('sample.top_k', s.top_k)
+  if not 0.0 < s.top_p <= 1.0:
+    _fail('sample.top_p', f'must be in (0, 1], got {s.top_p}', 'Use 1.0 to turn it off.')
+  _one_of('parallel.strategy', p.strategy, STRATEGIES)
+  for key in ('mesh_data', 'mesh_fsdp', 'mesh_tensor'):
+    value = getattr(p, key)
+    if value == 0 or value < -1:
+      _fail(f'parallel.{key}', f'must be a positive size or -1 (the rest), got {value}',
+            'Use e.g. 1, 2, 4 or -1.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Building.
+
+
+def _resolve_model_sizes(values: dict[str, Any]) -> dict[str, Any]:
+  """Fills head_dim=0 and d_ff=0 with the conventional sizes."""
+  values = dict(values)
+  if values['head_dim'] == 0:
+    d_model, heads = values['d_model'], values['num_heads']
+    if heads <= 0 or d_model % heads:
+      _fail('model.d_model', f'd_model={d_model} is not divisible by num_heads={heads}',
+            'Change d_model or num_heads, or set model.head_dim explicitly.')
+    values['head_dim'] = d_model // heads
+  if values['d_ff'] == 0:
+    if values['ffn'] == 'mlp':
+      values['d_ff'] = 4 * values['d_model']
+    else:  # gated FFNs keep the parameter count of a 4x MLP (Shazeer, 2020)
+      multiple = values['ffn_multiple_of']
+      values['d_ff'] = -(-(8 * values['d_model'] // 3) // multiple) * multiple
+  return values
+
+
+def _to_plain(cd: Any) -> Any:
+  if hasattr(cd, 'to_dict'):
+    cd = cd.to_dict()
+  if isinstance(cd, Mapping):
+    return {k: _to_plain(v) for k, v in cd.items()}
+  return cd
+
+
+def _check_keys(values: Mapping[str, Any], expected: list[str], where: str) -> None:
+  unknown = [k for k in values if k not in expected]
+  if unknown:
+    key = unknown[0]
+    near = difflib.get_close_matches(key, expected, n=1)
+    hint = f'Did you mean {where}{near[0]}?' if near else f'Valid keys: {", ".join(expected)}.'
+    raise ValueError(f'Unknown config key {where}{key}. {hint}')
+  missing = [k for k in expected if k not in values]
+  if missing:
+    raise ValueError(
+        f'Config key {where}{missing[0]} is missing. Start your config from configs/base.py '
+        '(`config = base.get_config()`), which defines every key.')
+
+
+def _coerce(section_cls: type, values: Mapping[str, Any], name: str) -> dict[str, Any]:
+  types = {f.name: f.type for f in dataclasses.fields(section_cls)}
+  return {k: _coerce_value(v, _TYPES[types[k]], f'{name}.{k}') for k, v in values.items()}
+
+
+_TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool,
+          'tuple[str, ...]': (tuple, str), 'tuple[int, ...]': (tuple, int)}
+
+
+def _coerce_value(value: Any, kind: Any, key: str) -> Any:
+  """Checks a value's type; ints are accepted for floats, lists for tuples."""
+  if isinstance(kind, tuple):
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+      value = (value,)
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f'{key} must be a list, got {value!r}.')
+    return tuple(_coerce_value(v, kind[1], key) for v in value)
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if kind is int and isinstance(value, float) and value.is_integer() and math.isfinite(value):
+    return int(value)
+  if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    raise ValueError(f'{key} must be a {kind.__name__}, got {value!r} '
+                     f'({type(value).__name__}).')
+  return value
+
+
+def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """Parses a config file's `k=v,k2=v2` argument against its known keys and their types.
+
+  For `--config=configs/gpt2.py:size=medium`, a config calls `parse_arg(arg, {'size': 'small'})`.
+  """
+  values = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, text = item.partition('=')
+    key = key.strip()
+    if not sep:
+      raise ValueError(f'Config argument {item!r} is not of the form key=value '
+                       f'(known keys: {", ".join(defaults)}).')
+    if key not in defaults:
+      near = difflib.get_close_matches(key, list(defaults), n=1)
+      hint = f'Did you mean {near[0]}?' if near else f'Known keys: {", ".join(defaults)}.'
+      raise ValueError(f'Unknown config argument {key!r}. {hint}')
+    kind = type(defaults[key])
+    text = text.strip()
+    if kind is bool:
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'Config argument {key} must be true or false, got {text!r}.')
+      values[key] = text.lower() in ('true', '1')
+    else:
+      try:
+        values[key] = kind(text)
+      except ValueError:
+        raise ValueError(f'Config argument {key} must be a {kind.__name__}, got {text!r}.'
+                         ) from None
+  return values
+
+
+def choose(key: str, value: str, presets: Mapping[str, Any]) -> Any:
+  """Looks up a named preset, failing with the list of valid names."""
+  if value not in presets:
+    _one_of(key, value, tuple(presets))
+  return presets[value]

@@ -1,0 +1,436 @@
+"""Tokenizers: sentencepiece (trained here or loaded), bytes and characters.
+
+All three share one small interface and save themselves into a folder (tokenizer.json plus
+the model file), so eval, sample and inspect decode with exactly the tokenizer a model was
+trained with. Each has an EOS id that no text encodes to: it ends every document.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import io
+import json
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from lm.data import cache
+
+TOKENIZER_JSON = 'tokenizer.json'
+SP_MODEL = 'sentencepiece.model'
+_FORMAT = 1
+_SP_SENTENCE_CHARS = 2000  # sentencepiece trains on runs of whole lines up to this long
+_SP_THREADS = 2  # fixed, not per machine, so a trained tokenizer is the same everywhere
+
+
+class Tokenizer(abc.ABC):
+  """Text <-> ids. `encode_bytes` takes any bytes where the tokenizer can (byte, sentencepiece)."""
+
+  kind: str = ''
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def eos_id(self) -> int:
+    ...
+
+  @property
+  def bos_id(self) -> int | None:
+    return None
+
+  @property
+  def pad_id(self) -> int:
+    return self.eos_id
+
+  @property
+  def name(self) -> str:
+    return f'{self.kind}-{self.vocab_size}'
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of `ids`; an id outside the vocabulary (a model's padding row) gives U+FFFD."""
+    return ''.join(self._decode_parts(ids, self._decode_known, '\ufffd'))
+
+  @abc.abstractmethod
+  def encode_bytes(self, data: bytes) -> list[int]:
+    ...
+
+  def decode_bytes(self, ids: Iterable[int]) -> bytes:
+    return b''.join(self._decode_parts(ids, self._decode_known_bytes, '\ufffd'.encode()))
+
+  @abc.abstractmethod
+  def _decode_known(self, ids: list[int]) -> str:
+    ...
+
+  @abc.abstractmethod
+  def _decode_known_bytes(self, ids: list[int]) -> bytes:
+    ...
+
+  def _decode_parts(self, ids: Iterable[int], decode: Any, replacement: Any) -> list[Any]:
+    parts, run = [], []
+    for i in ids:
+      if 0 <= int(i) < self.vocab_size:
+        run.append(int(i))
+      else:
+        parts += [decode(run), replacement]
+        run = []
+    return parts + [decode(run)]
+
+  def encode_batch(self, chunks: Sequence[bytes]) -> list[np.ndarray]:
+    """Encodes many byte chunks; subclasses make it fast."""
+    return [np.asarray(self.encode_bytes(c), dtype=np.int64) for c in chunks]
+
+  def bytes_per_token(self, text: str) -> float:
+    """UTF-8 bytes per token on `text`: turns a loss per token into bits per byte."""
+    ids = self.encode(text)
+    if not ids:
+      raise ValueError('bytes_per_token needs a non-empty text.')
+    return len(text.encode('utf-8', 'surrogatepass')) / len(ids)
+
+  def save(self, directory: str) -> None:
+    """Writes tokenizer.json (+ model file) atomically, replacing what `directory` held."""
+    with cache.atomic_directory(directory, replace=True) as tmp:
+      for filename, content in self._files().items():
+        with open(os.path.join(tmp, filename), 'wb') as f:
+          f.write(content)
+      cache.write_json(os.path.join(tmp, TOKENIZER_JSON), self._spec())
+
+  @property
+  def fingerprint(self) -> str:
+    """Digest of everything that decides the ids: part of the token cache's key."""
+    digest = hashlib.sha256(json.dumps(self._spec(), sort_keys=True).encode())
+    for filename, content in sorted(self._files().items()):
+      digest.update(filename.encode() + b'\0' + content)
+    return digest.hexdigest()
+
+  def _spec(self) -> dict[str, Any]:
+    return {'format': _FORMAT, 'kind': self.kind, 'name': self.name,
+            'vocab_size': self.vocab_size, 'eos_id': self.eos_id, 'bos_id': self.bos_id,
+            'pad_id': self.pad_id}
+
+  def _files(self) -> dict[str, bytes]:
+    return {}
+
+  def __repr__(self) -> str:
+    return f'{type(self).__name__}({self.name})'
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes as ids 0..255, and EOS = 256. Takes any byte sequence."""
+
+  kind = 'byte'
+
+  @property
+  def vocab_size(self) -> int:
+    return 257
+
+  @property
+  def eos_id(self) -> int:
+    return 256
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode('utf-8', 'surrogateescape'))
+
+  def _decode_known(self, ids: list[int]) -> str:
+    return self._decode_known_bytes(ids).decode('utf-8', 'replace')
+
+  def encode_bytes(self, data: bytes) -> list[int]:
+    return list(data)
+
+  def _decode_known_bytes(self, ids: list[int]) -> bytes:
+    return bytes(i for i in ids if i < 256)
+
+  def encode_batch(self, chunks: Sequence[bytes]) -> list[np.ndarray]:
+    return [np.frombuffer(c, dtype=np.uint8) for c in chunks]
+
+
+class CharTokenizer(Tokenizer):
+  """EOS = 0, then one id per character of the corpus (sorted). UTF-8 text only."""
+
+  kind = 'char'
+
+  def __init__(self, chars: str):
+    if len(set(chars)) != len(chars) or list(chars) != sorted(chars):
+      raise ValueError('CharTokenizer needs distinct characters in sorted order.')
+    self._chars = chars
+    self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)
+
+  @classmethod
+  def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+    seen = set()
+    for text in texts:
+      seen.update(text)
+    return cls(''.join(sorted(seen)))
+
+  @property
+  def chars(self) -> str:
+    return self._chars
+
+  @property
+  def vocab_size(self) -> int:
+    return 1 + len(self._chars)
+
+  @property
+  def eos_id(self) -> int:
+    return 0
+
+  def encode(self, text: str) -> list[int]:
+    return self._encode_array(text).tolist()
+
+  def _decode_known(self, ids: list[int]) -> str:
+    return ''.join(self._chars[i - 1] for i in ids if i > 0)
+
+  def encode_bytes(self, data: bytes) -> list[int]:
+    return self.encode(data.decode('utf-8'))
+
+  def _decode_known_bytes(self, ids: list[int]) -> bytes:
+    return self._decode_known(ids).encode('utf-8', 'surrogatepass')
+
+  def encode_batch(self, chunks: Sequence[bytes]) -> list[np.ndarray]:
+    return [self._encode_array(c.decode('utf-8')) for c in chunks]
+
+  def _encode_array(self, text: str) -> np.ndarray:
+    codes_N = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype='<u4')
+    index_N = np.searchsorted(self._codes, codes_N).clip(0, max(len(self._codes) - 1, 0))
+    known_N = self._codes[index_N] == codes_N if len(self._codes) else codes_N != codes_N
+    if not known_N.all():
+      char = chr(int(codes_N[np.argmin(known_N)]))
+      raise ValueError(
+          f'Character {char!r} is not in the char tokenizer\'s vocabulary, which holds the '
+          f'{len(self._chars)} characters of its training corpus. Remove it from the text, or '
+          'use --config.data.tokenizer=byte or sentencepiece, which take any text.')
+    return index_N.astype(np.int64) + 1
+
+  def _spec(self) -> dict[str, Any]:
+    return dict(super()._spec(), chars=self._chars)
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model; with byte fallback (as trained here) every byte sequence round-trips."""
+
+  kind = 'sentencepiece'
+
+  def __init__(self, model_proto: bytes, source: str, name: str = ''):
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(model_proto)
+    except (RuntimeError, OSError, TypeError) as e:
+      raise ValueError(
+          f'{source} is not a valid sentencepiece model ({str(e).strip()}). For '
+          'data.tokenizer_path, point it at a .model written by sentencepiece; for a run\'s '
+          'saved tokenizer, restore it from a copy (a model only works with its own).') from None
+    if self._sp.eos_id() < 0:
+      raise ValueError(
+          f'{source} defines no EOS piece, which lm needs to mark document ends. Train the '
+          'model with an eos_id, or leave data.tokenizer_path empty to train one.')
+    self._name = name or f'sentencepiece-{self._sp.get_piece_size()}'
+    byte_ids = [self._sp.piece_to_id(f'<0x{b:02X}>') for b in range(256)]
+    self._byte_ids = byte_ids if all(self._sp.is_byte(i) for i in byte_ids) else None
+    self._byte_of_id = {i: b for b, i in enumerate(byte_ids)} if self._byte_ids else {}
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+
+  @property
+  def name(self) -> str:
+    return self._name
+
+  @property
+  def byte_fallback(self) -> bool:
+    return self._byte_ids is not None
+
+  @property
+  def processor(self) -> spm.SentencePieceProcessor:
+    return self._sp
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def _decode_known(self, ids: list[int]) -> str:
+    return self._sp.decode(ids) if ids else ''
+
+  def encode_bytes(self, data: bytes) -> list[int]:
+    """Valid UTF-8 runs go through the model; invalid bytes become byte-fallback pieces."""
+    ids, rest = [], data
+    while rest:
+      try:
+        return ids + self.encode(rest.decode('utf-8'))
+      except UnicodeDecodeError as e:
+        ids += self.encode(rest[:e.start].decode('utf-8'))
+        bad = rest[e.start:e.end]
+        ids += ([self._byte_ids[b] for b in bad] if self._byte_ids
+                else self.encode(bad.decode('utf-8', 'replace')))
+        rest = rest[e.end:]
+    return ids
+
+  def _decode_known_bytes(self, ids: list[int]) -> bytes:
+    """Byte pieces give their byte even where they do not form UTF-8; other runs decode as text."""
+    out, run = [], []
+    for i in ids:
+      if run and (i in self._byte_of_id) != (run[0] in self._byte_of_id):
+        out.append(self._decode_run(run))
+        run = []
+      run.append(i)
+    out.append(self._decode_run(run))
+    return b''.join(out)
+
+  def _decode_run(self, run: list[int]) -> bytes:
+    if run and run[0] in self._byte_of_id:
+      return bytes(self._byte_of_id[i] for i in run)
+    return self._sp.decode(run).encode('utf-8') if run else b''
+
+  def encode_batch(self, chunks: Sequence[bytes]) -> list[np.ndarray]:
+    texts, invalid = [], {}
+    for k, chunk in enumerate(chunks):
+      try:
+        texts.append(chunk.decode('utf-8'))
+      except UnicodeDecodeError:
+        texts.append('')
+        invalid[k] = self.encode_bytes(chunk)
+    ids = self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+    return [np.asarray(invalid.get(k, i), dtype=np.int64) for k, i in enumerate(ids)]
+
+  def _spec(self) -> dict[str, Any]:
+    return dict(super()._spec(), byte_fallback=self.byte_fallback)
+
+  def _files(self) -> dict[str, bytes]:
+    return {SP_MODEL: self._proto}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training sentencepiece.
+
+
+def sentencepiece_options(vocab_size: int, model_type: str) -> dict[str, Any]:
+  """Trainer options. Identity normalisation and no dummy prefix so that text round-trips
+  exactly (code keeps its whitespace); byte fallback so that any byte sequence does."""
+  return dict(
+      vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
+      normalization_rule_name='identity', remove_extra_whitespaces=False,
+      add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+      character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+      max_sentence_length=4 * _SP_SENTENCE_CHARS + 16, input_sentence_size=0,
+      seed_sentencepiece_size=200_000,  # unigram: a third faster than 1M, same compression
+      shuffle_input_sentence=False, num_threads=_SP_THREADS, minloglevel=2)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str,
+                        description: str) -> SentencePieceTokenizer:
+  """Trains on `texts` (already sampled down to data.sp_train_chars)."""
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(sentence_iterator=_sentences(texts), model_writer=model,
+                                   **sentencepiece_options(vocab_size, model_type))
+  except RuntimeError as e:
+    raise ValueError(
+        f'data.vocab_size={vocab_size}: sentencepiece could not train a {model_type} model on '
+        f'{description} ({str(e).strip()}). It needs more than 260 ids (256 byte pieces and 4 '
+        'specials) plus one per distinct character, and enough text to learn the rest: '
+        'change --config.data.vocab_size, or use a larger corpus.') from None
+  return SentencePieceTokenizer(model.getvalue(), description,
+                                name=f'sentencepiece-{model_type}-{vocab_size}')
+
+
+def sample_text(texts: Iterable[str], total_chars: int, max_chars: int) -> Iterator[str]:
+  """Keeps an evenly spread `max_chars / total_chars` share of the texts, deterministically."""
+  share, credit, kept = min(1.0, max_chars / max(total_chars, 1)), 0.0, 0
+  for text in texts:
+    credit += share * len(text)
+    if credit >= len(text) * 0.5 and kept < max_chars:
+      credit -= len(text)
+      kept += len(text)
+      yield text
+
+
+def _sentences(texts: Iterable[str]) -> Iterator[str]:
+  """Runs of whole lines up to _SP_SENTENCE_CHARS, newlines kept so pieces can learn them."""
+  for text in texts:
+    run, size = [], 0
+    for line in text.splitlines(keepends=True):
+      while len(line) > _SP_SENTENCE_CHARS:  # one very long line: cut it
+        yield line[:_SP_SENTENCE_CHARS]
+        line = line[_SP_SENTENCE_CHARS:]
+      if size + len(line) > _SP_SENTENCE_CHARS and run:
+        yield ''.join(run)
+        run, size = [], 0
+      run.append(line)
+      size += len(line)
+    if run:
+      yield ''.join(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """Loads a saved tokenizer from a workdir, its tokenizer/ folder, or a sentencepiece .model."""
+  path = os.path.expanduser(path)
+  if os.path.isfile(path) and not path.endswith('.json'):
+    with open(path, 'rb') as f:
+      return SentencePieceTokenizer(f.read(), path)
+  folder = os.path.dirname(path) if path.endswith('.json') else path
+  if os.path.isfile(os.path.join(folder, 'tokenizer', TOKENIZER_JSON)):
+    folder = os.path.join(folder, 'tokenizer')
+  spec_path = os.path.join(folder, TOKENIZER_JSON)
+  if not os.path.isfile(spec_path):
+    raise FileNotFoundError(
+        f'No tokenizer at {path}: expected {os.path.join(path, "tokenizer", TOKENIZER_JSON)} '
+        '(written by training into its workdir) or a sentencepiece .model. Pass the workdir of '
+        'a trained run, or train first.')
+  try:
+    with open(spec_path) as f:
+      spec = json.load(f)
+    kind = spec['kind']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{spec_path} is corrupt ({e!r}). Restore it from the run that wrote it; '
+                     'a model only works with the tokenizer it was trained with.') from None
+  tokenizer = _from_spec(kind, spec, folder, spec_path)
+  if spec.get('vocab_size') != tokenizer.vocab_size:
+    raise ValueError(f'{spec_path} says vocab_size={spec.get("vocab_size")} but its model has '
+                     f'{tokenizer.vocab_size} ids: the folder is corrupt. Restore it from the '
+                     'run that wrote it.')
+  return tokenizer
+
+
+def _from_spec(kind: str, spec: dict[str, Any], folder: str, spec_path: str) -> Tokenizer:
+  if kind == 'byte':
+    return ByteTokenizer()
+  if kind == 'char':
+    if not isinstance(spec.get('chars'), str):
+      raise ValueError(f'{spec_path} lacks the "chars" of its char tokenizer: it is corrupt.')
+    return CharTokenizer(spec['chars'])
+  if kind == 'sentencepiece':
+    model_path = os.path.join(folder, SP_MODEL)
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(
+          f'{model_path} is missing beside {spec_path}. Restore the tokenizer folder from the '
+          'run that wrote it.')
+    with open(model_path, 'rb') as f:
+      return SentencePieceTokenizer(f.read(), model_path, name=spec.get('name', ''))
+  raise ValueError(f'{spec_path} names an unknown tokenizer kind {kind!r}; expected byte, char '
+                   'or sentencepiece.')

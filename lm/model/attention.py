@@ -1,0 +1,217 @@
+"""Causal self-attention: MHA, GQA and MQA in one module, with a KV cache for decoding.
+
+The number of KV heads K picks the variant (K = N: MHA, 1 < K < N: GQA, K = 1: MQA). Queries
+are grouped as [B, T, K, G, H] so that shared keys and values are never repeated in memory.
+Every mask (causal, document, sliding window, cache fill) is one boolean [B, T, S] array built
+from positions, so packed documents with restarted positions and decoding over a cache use the
+same code as training. The pure helpers are jitted for the same reason as in positions.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lm.config import ModelConfig
+from lm.model import positions as pos_lib
+
+
+@functools.partial(jax.jit, static_argnames='window')
+def attention_mask(q_positions_BxT: jax.Array, k_positions_BxS: jax.Array,
+                   q_segment_ids_BxT: jax.Array, k_segment_ids_BxS: jax.Array,
+                   q_index_T: jax.Array, k_index_S: jax.Array,
+                   window: int = 0) -> jax.Array:
+  """Which keys each query may see, [B, T, S] bool.
+
+  Causality is checked twice: by positions (packed documents restart them) and by index order
+  (so that restarted positions never let a token see a later slot). Segment ids separate
+  documents and padding; `window` > 0 limits the span to the last `window` positions.
+  """
+  q_pos_BxTx1 = q_positions_BxT[:, :, None]
+  k_pos_Bx1xS = k_positions_BxS[:, None, :]
+  mask_BxTxS = k_pos_Bx1xS <= q_pos_BxTx1
+  mask_BxTxS &= (k_index_S[None, :] <= q_index_T[:, None])[None]
+  mask_BxTxS &= k_segment_ids_BxS[:, None, :] == q_segment_ids_BxT[:, :, None]
+  if window > 0:
+    mask_BxTxS &= q_pos_BxTx1 - k_pos_Bx1xS < window
+  return mask_BxTxS
+
+
+@functools.partial(jax.jit, static_argnames='softcap')
+def attention_probs(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, mask_BxTxS: jax.Array,
+                    bias_BxNxTxS: jax.Array | None = None,
+                    softcap: float = 0.0) -> jax.Array:
+  """Softmax weights [B, K, G, T, S] in float32: the einsum reference for all variants.
+
+  The soft cap squashes only the content logits q.k; position biases are added after it so that
+  ALiBi's linear distance penalty is not saturated.
+  """
+  batch, q_len, num_heads, head_dim = q_BxTxNxH.shape
+  num_kv_heads = k_BxSxKxH.shape[2]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads,
+                                  head_dim)
+  logits_BxKxGxTxS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BxTxKxGxH, k_BxSxKxH,
+                                preferred_element_type=jnp.float32)
+  logits_BxKxGxTxS *= 1.0 / math.sqrt(head_dim)
+  if softcap > 0:
+    logits_BxKxGxTxS = softcap * jnp.tanh(logits_BxKxGxTxS / softcap)
+  if bias_BxNxTxS is not None:
+    logits_BxKxGxTxS += bias_BxNxTxS.astype(jnp.float32).reshape(logits_BxKxGxTxS.shape)
+  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS,
+                               jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
+
+
+def _partitioned(init: nn.initializers.Initializer, names: tuple[str, ...]):
+  return nn.with_logical_partitioning(init, names)
+
+
+class Attention(nn.Module):
+  """Multi-head causal self-attention with N query heads over K shared KV heads."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+               segment_ids_BxT: jax.Array | None = None, *, deterministic: bool = True,
+               decode: bool = False) -> jax.Array:
+    c = self.config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    num_heads, num_kv_heads, head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+    batch, q_len, d_model = x_BxTxD.shape
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.zeros((batch, q_len), jnp.int32)
+    positions_BxT = positions_BxT.astype(jnp.int32)
+    segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
+
+    dense = functools.partial(
+        nn.DenseGeneral, use_bias=c.use_bias, dtype=dtype, param_dtype=param_dtype)
+    normal = nn.initializers.normal(c.init_std)
+    q_BxTxNxH = dense(
+        features=(num_heads, head_dim),
+        kernel_init=_partitioned(normal, ('embed', 'heads', 'head_dim')),
+        bias_init=_partitioned(nn.initializers.zeros, ('heads', 'head_dim')),
+        name='query')(x_BxTxD)
+    kv_dense = functools.partial(
+        dense, features=(num_kv_heads, head_dim),
+        kernel_init=_partitioned(normal, ('embed', 'kv_heads', 'head_dim')),
+        bias_init=_partitioned(nn.initializers.zeros, ('kv_heads', 'head_dim')))
+    k_BxTxKxH = kv_dense(name='key')(x_BxTxD)
+    v_BxTxKxH = kv_dense(name='value')(x_BxTxD)
+
+    if c.qk_norm:
+      qk_norm = functools.partial(
+          nn.RMSNorm, epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype,
+          scale_init=_partitioned(nn.initializers.ones, ('head_dim',)))
+      q_BxTxNxH = qk_norm(name='query_norm')(q_BxTxNxH)
+      k_BxTxKxH = qk_norm(name='key_norm')(k_BxTxKxH)
+    if c.pos_emb == 'rope':
+      inv_freq_R = pos_lib.rope_frequencies(c)
+      q_BxTxNxH = pos_lib.apply_rope(q_BxTxNxH, positions_BxT, inv_freq_R)
+      k_BxTxKxH = pos_lib.apply_rope(k_BxTxKxH, positions_BxT, inv_freq_R)
+
+    # Keys: this call's tokens, or (decoding) every slot of the cache they were written into.
+    q_index_T = jnp.arange(q_len, dtype=jnp.int32)
+    k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    k_positions_BxS, k_segment_ids_BxS, k_index_S = positions_BxT, segment_ids_BxT, q_index_T
+    if decode and (cached := self._update_cache(
+        k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT)) is not None:
+      k_BxSxKxH, v_BxSxKxH, k_positions_BxS, k_segment_ids_BxS, start = cached
+      k_index_S = jnp.arange(k_BxSxKxH.shape[1], dtype=jnp.int32)
+      q_index_T = start + q_index_T
+
+    mask_BxTxS = attention_mask(positions_BxT, k_positions_BxS, segment_ids_BxT,
+                                k_segment_ids_BxS, q_index_T, k_index_S, c.attention_window)
+    bias_BxNxTxS = self._position_bias(positions_BxT, k_positions_BxS)
+
+    use_dropout = c.attn_dropout > 0 and not deterministic
+    # jax.nn.dot_product_attention has neither a logit soft cap nor dropout on the weights;
+    # those configurations take the einsum path below.
+    if c.attention_impl == 'dot_product_attention' and not c.attn_logit_softcap and (
+        not use_dropout):
+      y_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype), v_BxSxKxH.astype(q_BxTxNxH.dtype),
+          bias=bias_BxNxTxS, mask=mask_BxTxS[:, None], implementation=None)
+    else:
+      probs_BxKxGxTxS = attention_probs(q_BxTxNxH, k_BxSxKxH, mask_BxTxS, bias_BxNxTxS,
+                                        c.attn_logit_softcap)
+      # Opt-in hook for attention maps (inspect mode): apply(..., mutable=['attention_weights']).
+      # Skipped at init, where every collection is mutable, to keep it out of the variables.
+      if not self.is_initializing():
+        self.sow('attention_weights', 'probs',
+                 probs_BxKxGxTxS.reshape(batch, num_heads, q_len, -1))
+      probs_BxKxGxTxS = nn.Dropout(rate=c.attn_dropout)(
+          probs_BxKxGxTxS, deterministic=not use_dropout)
+      y_BxTxKxGxH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BxKxGxTxS.astype(dtype),
+                               v_BxSxKxH.astype(dtype))
+      y_BxTxNxH = y_BxTxKxGxH.reshape(batch, q_len, num_heads, head_dim)
+
+    out_std = c.init_std / math.sqrt(2 * c.num_layers)  # GPT-2: residual projections
+    return nn.DenseGeneral(
+        features=d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_partitioned(nn.initializers.normal(out_std),
+                                 ('heads', 'head_dim', 'embed')),
+        bias_init=_partitioned(nn.initializers.zeros, ('embed',)),
+        name='out')(y_BxTxNxH)
+
+  def _position_bias(self, q_positions_BxT: jax.Array,
+                     k_positions_BxS: jax.Array) -> jax.Array | None:
+    """ALiBi or learned T5 bias [B, N, T, S] (float32) from actual positions; else None."""
+    c = self.config
+    if c.pos_emb == 'alibi':
+      return pos_lib.alibi_bias(q_positions_BxT, k_positions_BxS,
+                                pos_lib.alibi_slopes(c.num_heads))
+    if c.pos_emb == 'relative':
+      table_bucketsxN = self.param(
+          'relative_bias',
+          _partitioned(nn.initializers.normal(c.init_std), ('relative_buckets', 'heads')),
+          (c.relative_num_buckets, c.num_heads), jnp.dtype(c.param_dtype))
+      relative_BxTxS = k_positions_BxS[:, None, :] - q_positions_BxT[:, :, None]
+      bucket_BxTxS = pos_lib.relative_bucket(relative_BxTxS, c.relative_num_buckets,
+                                             c.relative_max_distance)
+      bias_BxTxSxN = jnp.take(table_bucketsxN.astype(jnp.float32), bucket_BxTxS, axis=0)
+      return bias_BxTxSxN.transpose(0, 3, 1, 2)
+    return None
+
+  def _update_cache(self, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, positions_BxT: jax.Array,
+                    segment_ids_BxT: jax.Array):
+    """Writes this call's keys at `cache_index` and returns the whole cache (flax lm1b style).
+
+    The first call (`init(..., decode=True)` on [B, S_max] inputs) only creates zeroed
+    buffers of that length and returns None: that call attends over its own inputs. Later calls
+    return (keys, values, positions, segment ids, start index). Positions and segment ids are
+    cached so that masks and position biases over the cache equal those of a full forward pass;
+    pass segment ids on every decode call or on none. Writing past S_max is not checked (the
+    write is clamped by dynamic_update_slice): callers must stop at the cache length.
+    """
+    initialized = self.has_variable('cache', 'cached_key')
+    batch, q_len = positions_BxT.shape
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxH.shape,
+                               k_BxTxKxH.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_BxTxKxH.shape,
+                                 v_BxTxKxH.dtype)
+    cached_positions = self.variable('cache', 'cached_positions', jnp.zeros, (batch, q_len),
+                                     jnp.int32)
+    cached_segment_ids = self.variable('cache', 'cached_segment_ids', jnp.zeros,
+                                       (batch, q_len), jnp.int32)
+    cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return None
+    start = cache_index.value
+    cached_key.value = lax.dynamic_update_slice(
+        cached_key.value, k_BxTxKxH.astype(cached_key.value.dtype), (0, start, 0, 0))
+    cached_value.value = lax.dynamic_update_slice(
+        cached_value.value, v_BxTxKxH.astype(cached_value.value.dtype), (0, start, 0, 0))
+    cached_positions.value = lax.dynamic_update_slice(
+        cached_positions.value, positions_BxT, (0, start))
+    cached_segment_ids.value = lax.dynamic_update_slice(
+        cached_segment_ids.value, segment_ids_BxT, (0, start))
+    cache_index.value = start + q_len
+    return (cached_key.value, cached_value.value, cached_positions.value,
+            cached_segment_ids.value, start)
