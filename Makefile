@@ -23,8 +23,12 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# Trains the default model (resuming if WORKDIR holds a checkpoint), evaluates it, samples.
 run: install
-	$(PY) run.py --config=configs/default.py --workdir=$(WORKDIR) --mode=info
+	$(PY) run.py --config=configs/default.py --workdir=$(WORKDIR) --mode=train
+	$(PY) run.py --config=configs/default.py --workdir=$(WORKDIR) --mode=eval
+	$(PY) run.py --config=configs/default.py --workdir=$(WORKDIR) --mode=sample \
+	  --prompt='def fibonacci(n):'
 
 test: install-test
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)

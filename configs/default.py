@@ -16,7 +16,7 @@ def get_config(arg=None):
   llama.llama_style(m)
   m.tie_embeddings = True
   t = config.train
-  t.steps, t.batch_size, t.log_every = 600, 32, 25
+  t.steps, t.batch_size, t.log_every = 400, 32, 25
   config.optim.lr = 2e-3
   config.optim.warmup_steps = 50
   config.checkpoint.every = 200

@@ -1,5 +1,8 @@
 """Tests for lm/model/moe.py against a loop-by-loop NumPy reference of top-k routing."""
 
+import dataclasses
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,14 +40,15 @@ def _params(config, x, router_std=1.0):
   return params
 
 
-def _apply(config, params, x):
-  y, state = moe_lib.MoE(config).apply({'params': params}, x,
+def _apply(config, params, x, valid=None):
+  y, state = moe_lib.MoE(config).apply({'params': params}, x, valid,
                                        mutable=['losses', 'intermediates'])
   return y, state
 
 
-def _reference(config, params, x):
-  """Top-k with renormalised gates, per-sequence capacity filled in (token, choice) order."""
+def _reference(config, params, x, valid=None):
+  """Top-k with renormalised gates, per-sequence capacity filled in (token, choice) order;
+  invalid (padding) tokens are skipped."""
   E, A = config.num_experts, config.top_k
   B, T, _ = x.shape
   expert_cls = ffn_lib.ffn_class(config.expert_ffn)
@@ -62,6 +66,8 @@ def _reference(config, params, x):
   for b in range(B):
     count = np.zeros(E, int)
     for t in range(T):
+      if valid is not None and not valid[b, t]:
+        continue
       top = np.argsort(-probs[b, t], kind='stable')[:A]
       gates = probs[b, t, top] / probs[b, t, top].sum()
       for e, g in zip(top, gates):
@@ -71,7 +77,7 @@ def _reference(config, params, x):
           continue
         count[e] += 1
         y[b, t] += g * out_EBTD[e, b, t]
-  return y, dropped, chosen / (B * T * A)
+  return y, dropped, chosen / chosen.sum()
 
 
 @pytest.mark.parametrize('expert_ffn', ['swiglu', 'mlp'])
@@ -90,6 +96,28 @@ def test_matches_reference(capacity_factor, expert_ffn):
     assert moe_lib.capacity(config, 16) == 4 and dropped > 0
   if capacity_factor in (0.0, 100.0):
     assert dropped == 0
+
+
+def test_padding_is_not_routed():
+  """Invalid tokens take no capacity, get zero output and leave the statistics alone."""
+  config = tiny(capacity_factor=0.5)
+  x = _x()
+  params = _params(config, x)
+  valid = np.ones((2, 16), bool)
+  valid[0, :6] = False  # left padding, as the sampler makes
+  valid[1, 10:] = False  # right padding, as packing makes
+  y, state = _apply(config, params, x, jnp.asarray(valid))
+  y_ref, dropped, load = _reference(config, params, x, valid)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(y[~valid], 0.0)
+  assert int(state['intermediates']['dropped_tokens'][0]) == dropped
+  np.testing.assert_allclose(state['intermediates']['expert_load'][0], load, rtol=1e-6)
+  # The statistics equal those of the valid tokens alone.
+  _, alone = _apply(config, params, x[1:, :10])
+  for name in ('router_aux_loss', 'router_z_loss'):
+    _, masked = _apply(config, params, x[1:], jnp.asarray(valid[1:]))
+    assert float(masked['losses'][name][0]) == pytest.approx(
+        float(alone['losses'][name][0]), rel=1e-5)
 
 
 def test_dropped_count_by_hand():
@@ -165,6 +193,17 @@ def test_router_and_expert_params():
   assert y.dtype == jnp.bfloat16
 
 
+def _random(shapes):
+  """Random weights for boxed parameter shapes (compiling model.init would cost seconds)."""
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    center = 1.0 if path[-1].key == 'scale' else 0.0
+    return jnp.asarray(center + rng.normal(0.0, 0.1, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, nn.unbox(shapes))
+
+
 def _restack(params, num_layers):
   """Scanned {'layers': [L, ...]} -> unrolled {'layer_i': ...}."""
   params = dict(params)
@@ -179,8 +218,9 @@ def test_sown_collections_survive_scan_and_remat(remat):
   config = tiny(num_layers=2, scan_layers=True, remat=remat, capacity_factor=0.5)
   model = lm.model.Transformer(config)
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
   assert set(variables) == {'params'}, 'init must not store sown values'
+  variables = {'params': _random(variables['params'])}
   _, state = jax.jit(lambda v, t: model.apply(v, t, mutable=['losses', 'intermediates']))(
       variables, tokens)
   losses = lm.model.moe_losses(state)
@@ -189,8 +229,8 @@ def test_sown_collections_survive_scan_and_remat(remat):
   np.testing.assert_allclose(load_LxE.sum(-1), 1.0, rtol=1e-6)
   assert state['losses']['layers']['ffn']['router_aux_loss'][0].shape == (2,)
 
-  unrolled = dataclasses_replace(config, scan_layers=False)
-  params = _restack(nn.unbox(variables['params']), 2)
+  unrolled = dataclasses.replace(config, scan_layers=False)
+  params = _restack(variables['params'], 2)
   _, state_u = jax.jit(lambda p, t: lm.model.Transformer(unrolled).apply(
       {'params': p}, t, mutable=['losses', 'intermediates']))(params, tokens)
   losses_u = lm.model.moe_losses(state_u)
@@ -206,15 +246,30 @@ def test_helpers_on_a_dense_model():
   config = tiny(ffn='swiglu')
   model = lm.model.Transformer(config)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  variables = jax.jit(model.init)(jax.random.key(0), tokens)
-  _, state = jax.jit(lambda v, t: model.apply(v, t, mutable=['losses', 'intermediates']))(
-      variables, tokens)
+  variables = {'params': _random(jax.eval_shape(model.init, jax.random.key(0), tokens)['params'])}
+  _, state = model.apply(variables, tokens, mutable=['losses', 'intermediates'])
   assert {k: float(v) for k, v in lm.model.moe_losses(state).items()} == {
       'router_aux_loss': 0.0, 'router_z_loss': 0.0}
   assert lm.model.expert_load(state) is None
   assert int(lm.model.dropped_tokens(state)) == 0
 
 
-def dataclasses_replace(config, **changes):
-  import dataclasses
-  return dataclasses.replace(config, **changes)
+
+def test_transformer_passes_padding_to_the_router():
+  """Segment id 0 (padding) reaches the MoE: left padding changes no statistic or logit."""
+  config = tiny(num_layers=1, scan_layers=False, capacity_factor=0.0, pos_emb='rope')
+  model = lm.model.Transformer(config)
+  tokens = jax.random.randint(jax.random.key(2), (1, 8), 0, 64)
+  params = _random(jax.eval_shape(model.init, jax.random.key(0), tokens)['params'])
+  apply = functools.partial(model.apply, {'params': params},
+                            mutable=['losses', 'intermediates'])
+  logits, state = apply(tokens)
+  padded = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), tokens], axis=1)
+  positions = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), jnp.arange(8)[None]], axis=1)
+  segments = (jnp.arange(12) >= 4).astype(jnp.int32)[None]
+  logits_p, state_p = apply(padded, positions, segments)
+  np.testing.assert_allclose(logits_p[:, 4:], logits, atol=1e-5, rtol=1e-5)
+  for name, value in lm.model.moe_losses(state).items():
+    assert float(lm.model.moe_losses(state_p)[name]) == pytest.approx(float(value), rel=1e-5)
+  np.testing.assert_allclose(lm.model.expert_load(state_p), lm.model.expert_load(state),
+                             rtol=1e-6)

@@ -37,6 +37,31 @@ def count_params(config: ModelConfig) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes['params']))
 
 
+def random_params(config: ModelConfig, seed: int = 0):
+  """Random weights from the parameter shapes alone.
+
+  Compiling model.init costs seconds per config on CPU; tests that do not test the init itself
+  fill the shapes instead. Scales near 1 and kernels of std 0.1 keep every path active and the
+  logits O(1), so the comparisons below are sensitive.
+  """
+  shapes = jax.eval_shape(Transformer(config).init, jax.random.key(0), TOKENS)['params']
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    center = 1.0 if path[-1].key == 'scale' else 0.0
+    return jnp.asarray(center + rng.normal(0.0, 0.1, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, nn.unbox(shapes))
+
+
+def empty_cache(model: nn.Module, params, tokens_BxS):
+  """The KV cache for [B, S]: a decode call with a mutable, missing cache creates it."""
+  positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+  _, variables = model.apply({'params': params}, tokens_BxS, positions_BxS, decode=True,
+                             mutable=['cache'])
+  return variables['cache']
+
+
 # ---------------------------------------------------------------------------------------------
 # Published sizes.
 
@@ -79,9 +104,18 @@ def test_vocab_size_zero_is_a_clear_error():
     Transformer(config).init(jax.random.key(0), TOKENS)
 
 
+def test_out_of_range_ids_give_nan_not_a_valid_row():
+  config = tiny(scan_layers=False)
+  model = Transformer(config)
+  params = random_params(config)
+  assert np.all(np.isfinite(model.apply({'params': params}, TOKENS)))
+  logits = model.apply({'params': params}, TOKENS.at[0, 3].set(-1).at[1, 5].set(64))
+  assert np.all(np.isnan(logits[0, 3])) and np.all(np.isnan(logits[1, 5]))
+
+
 def test_param_tree_and_logical_axes():
   config = tiny(pos_emb='learned', ffn='moe', tie_embeddings=False, num_layers=2)
-  params = Transformer(config).init(jax.random.key(0), TOKENS)['params']
+  params = jax.eval_shape(Transformer(config).init, jax.random.key(0), TOKENS)['params']
   assert set(params) == {'embed', 'pos_embed', 'layers', 'final_norm', 'lm_head'}
   assert set(params['layers']) == {'attn_norm', 'attn', 'ffn_norm', 'ffn'}
   known = {'vocab', 'embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'expert', 'layers', None}
@@ -90,7 +124,7 @@ def test_param_tree_and_logical_axes():
   for path, leaf in leaves:
     where = jax.tree_util.keystr(path)
     assert isinstance(leaf, nn.LogicallyPartitioned), f'{where} has no logical axis names'
-    assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= known, where
+    assert len(leaf.names) == len(leaf.value.shape) and set(leaf.names) <= known, where
     assert (leaf.names[0] == 'layers') == where.startswith("['layers']"), where
   assert params['layers']['ffn']['experts']['up']['kernel'].names == (
       'layers', 'expert', 'embed', 'mlp')
@@ -99,7 +133,7 @@ def test_param_tree_and_logical_axes():
 
 def test_unrolled_param_names():
   config = tiny(num_layers=3, scan_layers=False, norm_position='post', norm='rmsnorm')
-  params = Transformer(config).init(jax.random.key(0), TOKENS)['params']
+  params = jax.eval_shape(Transformer(config).init, jax.random.key(0), TOKENS)['params']
   assert set(params) == {'embed', 'pos_embed', 'layer_0', 'layer_1', 'layer_2'}
 
 
@@ -118,29 +152,31 @@ CASES = [(pos, attn, FFNS[(i + j) % 3])
 
 @functools.lru_cache(maxsize=None)
 def _built(pos: str, attn: str, ffn: str):
-  """Model, params and an empty KV cache for [B, T] (one init with decode=True gives both)."""
+  """Model, params, an empty KV cache for [B, T] and the eager logits of TOKENS."""
   # MoE alternates dropless and capacity = T (the dispatch path, no drops): both exact.
   config = tiny(pos_emb=pos, num_kv_heads=KV_HEADS[attn], ffn=ffn, scan_layers=False,
                 capacity_factor=0.0 if POS_EMBS.index(pos) % 2 else 2.0)
   model = Transformer(config)
-  variables = model.init(jax.random.key(0), TOKENS, decode=True)
-  return model, variables['params'], variables['cache']
+  params = random_params(config)
+  return model, params, empty_cache(model, params, TOKENS), model.apply({'params': params},
+                                                                        TOKENS)
 
 
 @pytest.mark.parametrize('case', CASES, ids='-'.join)
 def test_causal(case):
-  model, params, _ = _built(*case)
-  changed = TOKENS.at[:, 7].set((TOKENS[:, 7] + 1) % 64)
-  logits, logits_changed = jnp.split(
-      model.apply({'params': params}, jnp.concatenate([TOKENS, changed])), 2)
-  np.testing.assert_allclose(logits[:, :7], logits_changed[:, :7], atol=1e-6, rtol=0)
-  assert not np.allclose(logits[:, 7:], logits_changed[:, 7:], atol=1e-6)
+  model, params, _, logits = _built(*case)
+  changed = model.apply({'params': params}, TOKENS.at[:, 7].set((TOKENS[:, 7] + 1) % 64))
+  np.testing.assert_allclose(logits[:, :7], changed[:, :7], atol=1e-6, rtol=0)
+  assert not np.allclose(logits[:, 7:], changed[:, 7:], atol=1e-6)
 
 
-@pytest.mark.parametrize('case', CASES, ids='-'.join)
+# Jit costs a compile per model: these six still cover every value of every factor.
+JIT_CASES = [(pos, list(KV_HEADS)[i % 3], FFNS[i % 3]) for i, pos in enumerate(POS_EMBS)]
+
+
+@pytest.mark.parametrize('case', JIT_CASES, ids='-'.join)
 def test_jit_matches_eager(case):
-  model, params, _ = _built(*case)
-  eager = model.apply({'params': params}, TOKENS)
+  model, params, _, eager = _built(*case)
   assert eager.dtype == jnp.float32 and eager.shape == (B, T, 64)
   jitted = jax.jit(model.apply)({'params': params}, TOKENS)
   np.testing.assert_allclose(jitted, eager, atol=1e-5, rtol=1e-5)
@@ -166,28 +202,40 @@ def _decode(model, params, cache, tokens, prefill, step_fn=None):
 
 @pytest.mark.parametrize('case', CASES, ids='-'.join)
 def test_kv_cache_decode_matches_full_forward(case):
-  model, params, cache = _built(*case)
-  np.testing.assert_allclose(_decode(model, params, cache, TOKENS, prefill=5),
-                             model.apply({'params': params}, TOKENS), atol=1e-5, rtol=1e-5)
+  model, params, cache, logits = _built(*case)
+  np.testing.assert_allclose(_decode(model, params, cache, TOKENS, prefill=5), logits,
+                             atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_kv_cache_decode_deep(scan_layers):
-  config = tiny(num_layers=3, scan_layers=scan_layers, pos_emb='rope', num_kv_heads=2,
+  config = tiny(num_layers=2, scan_layers=scan_layers, pos_emb='rope', num_kv_heads=2,
                 ffn='swiglu')
   model = Transformer(config)
-  variables = model.init(jax.random.key(0), TOKENS, decode=True)
-  decoded = _decode(model, variables['params'], variables['cache'], TOKENS, prefill=3,
+  params = random_params(config)
+  decoded = _decode(model, params, empty_cache(model, params, TOKENS), TOKENS, prefill=3,
                     step_fn=jax.jit)
-  np.testing.assert_allclose(decoded, model.apply({'params': variables['params']}, TOKENS),
+  np.testing.assert_allclose(decoded, model.apply({'params': params}, TOKENS),
                              atol=1e-5, rtol=1e-5)
+
+
+def test_cache_from_init_is_empty():
+  """Callers build the cache with init(decode=True); it must equal the one decoding creates."""
+  config = tiny(pos_emb='rope', num_kv_heads=2)
+  model = Transformer(config)
+  shapes = jax.eval_shape(functools.partial(model.init, decode=True), jax.random.key(0), TOKENS)
+  cache = empty_cache(model, random_params(config), TOKENS)
+  assert jax.tree_util.tree_structure(shapes['cache']) == jax.tree_util.tree_structure(cache)
+  assert all(a.shape == b.shape and not np.any(b) for a, b in zip(
+      jax.tree_util.tree_leaves(shapes['cache']), jax.tree_util.tree_leaves(cache)))
 
 
 def test_decode_without_positions_is_an_error():
   model = Transformer(tiny())
-  variables = model.init(jax.random.key(0), TOKENS, decode=True)
+  params = jax.eval_shape(model.init, jax.random.key(0), TOKENS)['params']
   with pytest.raises(ValueError, match='positions'):
-    model.apply(variables, TOKENS[:, :1], decode=True, mutable=['cache'])
+    jax.eval_shape(functools.partial(model.apply, decode=True, mutable=['cache']),
+                   {'params': params, 'cache': {}}, TOKENS[:, :1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,33 +252,45 @@ def _restack(params, num_layers):
 
 @pytest.mark.parametrize('ffn', ['mlp', 'moe'])
 def test_scan_matches_unrolled(ffn):
-  config = tiny(num_layers=3, ffn=ffn, pos_emb='relative', capacity_factor=1.0)
-  params = nn.unbox(Transformer(config).init(jax.random.key(0), TOKENS)['params'])
-  assert params['layers']['attn_norm']['scale'].shape == (3, 32)
-  assert not np.allclose(params['layers']['attn']['query']['kernel'][0],
-                         params['layers']['attn']['query']['kernel'][1])
+  config = tiny(num_layers=2, ffn=ffn, pos_emb='relative', capacity_factor=1.0)
+  params = random_params(config)
+  assert params['layers']['attn_norm']['scale'].shape == (2, 32)
   scanned = Transformer(config).apply({'params': params}, TOKENS)
   unrolled = Transformer(dataclasses.replace(config, scan_layers=False)).apply(
-      {'params': _restack(params, 3)}, TOKENS)
+      {'params': _restack(params, 2)}, TOKENS)
   np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
+
+
+def test_scanned_init_differs_per_layer():
+  config = tiny(num_layers=2, ffn='moe')
+  params = nn.unbox(jax.jit(Transformer(config).init)(jax.random.key(0), TOKENS)['params'])
+  for kernel in (params['layers']['attn']['query']['kernel'],
+                 params['layers']['ffn']['experts']['up']['kernel']):
+    assert not np.allclose(kernel[0], kernel[1])
+  assert not np.allclose(params['layers']['ffn']['experts']['up']['kernel'][0, 0],
+                         params['layers']['ffn']['experts']['up']['kernel'][0, 1])
 
 
 @functools.lru_cache(maxsize=None)
 def _logits_and_grads(config: ModelConfig):
+  """Jitted under scan; eager when unrolled (remat applies either way, and eager ops are cached
+  across policies where each scanned variant would need its own compile)."""
   model = Transformer(config)
-  params = nn.unbox(model.init(jax.random.key(0), TOKENS)['params'])
   weights_BxTxV = jax.random.normal(jax.random.key(3), (B, T, 64))
 
   def loss(p):
     logits = model.apply({'params': p}, TOKENS)
     return jnp.sum(logits * weights_BxTxV), logits
 
-  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  params = random_params(dataclasses.replace(config, remat='none'))  # the same for all
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  (_, logits), grads = (jax.jit(grad_fn) if config.scan_layers else grad_fn)(params)
   return logits, grads
 
 
-@pytest.mark.parametrize('scan_layers,remat', [(True, 'full'), (True, 'dots'),
-                                               (True, 'dots_no_batch'), (False, 'full')])
+@pytest.mark.parametrize('scan_layers,remat', [
+    (True, 'full'), (True, 'dots'), (True, 'dots_no_batch'),
+    (False, 'full'), (False, 'dots'), (False, 'dots_no_batch')])
 def test_remat_policies_give_identical_logits_and_grads(scan_layers, remat):
   config = tiny(num_layers=2, scan_layers=scan_layers, ffn='swiglu', pos_emb='rope')
   logits, grads = _logits_and_grads(config)
@@ -245,9 +305,10 @@ def test_norm_position(position):
   """Post-norm blocks end normalised (so no final norm); pre-norm leaves the stream raw."""
   config = tiny(num_layers=2, scan_layers=False, norm_position=position)
   model = Transformer(config)
-  variables = model.init(jax.random.key(0), TOKENS)
-  assert ('final_norm' in variables['params']) == (position == 'pre')
-  logits, state = model.apply(variables, TOKENS, capture_intermediates=True)
+  params = random_params(config)
+  assert ('final_norm' in params) == (position == 'pre')
+  params['layer_1']['ffn_norm'] = {'scale': jnp.ones(32), 'bias': jnp.zeros(32)}
+  logits, state = model.apply({'params': params}, TOKENS, capture_intermediates=True)
   assert np.all(np.isfinite(logits))
   h_BxTxD = state['intermediates']['layer_1']['__call__'][0]
   normalised = np.allclose(h_BxTxD.std(-1), 1.0, atol=1e-2) and np.allclose(
@@ -255,24 +316,31 @@ def test_norm_position(position):
   assert normalised == (position == 'post')
 
 
-@pytest.mark.parametrize('param_dtype', ['float32', 'bfloat16'])
-def test_bf16_compute_returns_float32_logits(param_dtype):
-  config = tiny(dtype='bfloat16', param_dtype=param_dtype, ffn='moe', scan_layers=False)
+def test_bf16_compute_returns_float32_logits():
+  config = tiny(dtype='bfloat16', ffn='moe', scan_layers=False)
   model = Transformer(config)
-  variables = model.init(jax.random.key(0), TOKENS)
-  assert {x.dtype for x in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(param_dtype)}
+  variables = {'params': random_params(config)}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(variables)} == {jnp.dtype('float32')}
   logits = model.apply(variables, TOKENS)
   assert logits.dtype == jnp.float32
-  full = Transformer(tiny(ffn='moe', scan_layers=False)).apply(
-      jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), variables), TOKENS)
+  full = Transformer(dataclasses.replace(config, dtype='float32')).apply(variables, TOKENS)
   np.testing.assert_allclose(logits, full, atol=0.05)
+  assert not np.array_equal(logits, full)  # the bf16 path really ran in bf16
+
+
+def test_bf16_params():
+  config = tiny(dtype='bfloat16', param_dtype='bfloat16', ffn='moe', pos_emb='relative')
+  shapes = jax.eval_shape(Transformer(config).init, jax.random.key(0), TOKENS)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype('bfloat16')}
+  logits = jax.eval_shape(Transformer(config).apply, shapes, TOKENS)
+  assert logits.dtype == jnp.float32
 
 
 @pytest.mark.parametrize('tie', [True, False])
 def test_head(tie):
   config = tiny(tie_embeddings=tie, final_logit_softcap=0.0, scan_layers=False)
   model = Transformer(config)
-  params = nn.unbox(model.init(jax.random.key(0), TOKENS)['params'])
+  params = random_params(config)
   logits, state = model.apply({'params': params}, TOKENS, capture_intermediates=True)
   h_BxTxD = state['intermediates']['final_norm']['__call__'][0]
   head_DxV = params['embed']['embedding'].T if tie else params['lm_head']['kernel']
@@ -285,7 +353,7 @@ def test_head(tie):
 def test_dropout_only_when_not_deterministic():
   config = tiny(embed_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1, scan_layers=False)
   model = Transformer(config)
-  variables = model.init(jax.random.key(0), TOKENS)
+  variables = {'params': random_params(config)}
   clean = model.apply(variables, TOKENS)
   np.testing.assert_array_equal(model.apply(variables, TOKENS, deterministic=True), clean)
   noisy = [model.apply(variables, TOKENS, deterministic=False,
@@ -300,7 +368,7 @@ def test_dropout_only_when_not_deterministic():
 def test_packed_documents_match_separate_runs(pos, ffn):
   config = tiny(pos_emb=pos, ffn=ffn, num_layers=2, capacity_factor=0.0, scan_layers=False)
   model = Transformer(config)
-  params = model.init(jax.random.key(0), TOKENS)['params']
+  params = random_params(config)
   forward = lambda t, p, s: model.apply({'params': params}, t, p, s)
   n1 = 5
   positions = jnp.concatenate([jnp.arange(n1), jnp.arange(T - n1)])[None].repeat(B, 0)

@@ -1,9 +1,11 @@
 """Token embedding, absolute positions, and the LM head (tied or untied).
 
-Token ids are not range-checked here: the data layer checks that every id lies in
-[0, vocab_size) (lm.config.with_vocab_size sizes the table to the tokenizer). An id outside it
-is not clamped to a valid row: jnp.take's default 'fill' mode returns NaN embeddings, so such a
-bug shows as a NaN loss rather than a silently wrong one.
+Token ids are not range-checked here (that would need a host sync): the data layer checks that
+every id lies in [0, vocab_size), and lm.config.with_vocab_size sizes the table to the
+tokenizer. An id outside the range is never clamped or wrapped to a valid row: ids >= vocab_size
+get NaN embeddings from jnp.take's default 'fill' mode, and negative ids (which would wrap, numpy
+style, to the last rows) are moved past the table first, so such a bug shows as a NaN loss rather
+than a silently wrong one.
 """
 
 import flax.linen as nn
@@ -34,7 +36,7 @@ def embed(config: ModelConfig, tokens_BxT: jnp.ndarray,
       embedding_init=nn.with_logical_partitioning(
           nn.initializers.normal(config.init_std), ('vocab', 'embed')),
       name='embed')
-  x_BxTxD = token_embed(tokens_BxT)
+  x_BxTxD = token_embed(jnp.where(tokens_BxT < 0, config.vocab_size, tokens_BxT))
   if config.pos_emb == 'learned':
     pos_embed = nn.Embed(
         config.max_seq_len, config.d_model, dtype=dtype,

@@ -15,7 +15,7 @@ def residual_std(config: ModelConfig) -> float:
 
 def dense(config: ModelConfig, features: int, axes: tuple[str | None, str | None], *,
           name: str, std: float | None = None, use_bias: bool | None = None,
-          dtype=None) -> nn.Dense:
+          dtype: jnp.dtype | None = None) -> nn.Dense:
   """nn.Dense with a normal(std) kernel and zero bias, both carrying logical axis names.
 
   Args:

@@ -51,9 +51,10 @@ def _experts(config: ModelConfig, mapped_input: bool) -> nn.Module:
 class MoE(nn.Module):
   """Routes each token to its top_k experts; gates renormalised over the k chosen (Mixtral).
 
-  Each sequence is a dispatch group. With capacity_factor > 0 each expert takes at most C
-  tokens of a sequence, filled in token order (position-major, then choice), so whether a
-  token is dropped depends only on earlier tokens and the layer stays causal. A dropped
+  Each sequence (row) is a dispatch group. With capacity_factor > 0 each expert takes at most
+  C tokens of a row, filled in token order (position-major, then choice), so whether a token
+  is dropped depends only on earlier tokens and the layer stays causal (packed documents in a
+  row share its capacity, and a prefill of P tokens gets a capacity for P). A dropped
   assignment contributes 0 and the residual carries the token through. With
   capacity_factor = 0 every expert runs on every token and the gates select (exact, no
   drops, E/top_k times the expert FLOPs: meant for small models and for checking).
@@ -62,7 +63,9 @@ class MoE(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x_BxTxD: jnp.ndarray, valid_BxT: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Mixes each token's experts; tokens where `valid_BxT` is False (padding) are not routed:
+    they take no capacity, count in no statistic and get a zero output."""
     c = self.config
     E, A = c.num_experts, c.top_k
     B, T, _ = x_BxTxD.shape
@@ -74,14 +77,19 @@ class MoE(nn.Module):
     probs_BxTxE = jax.nn.softmax(logits_BxTxE, axis=-1)
     top_probs_BxTxA, expert_BxTxA = jax.lax.top_k(probs_BxTxE, A)
     gates_BxTxA = top_probs_BxTxA / jnp.sum(top_probs_BxTxA, axis=-1, keepdims=True)
-    choice_BxTxAxE = jax.nn.one_hot(expert_BxTxA, E, dtype=jnp.float32)
+    valid_BxT = (jnp.ones((B, T), jnp.float32) if valid_BxT is None
+                 else valid_BxT.astype(jnp.float32))
+    choice_BxTxAxE = (jax.nn.one_hot(expert_BxTxA, E, dtype=jnp.float32)
+                      * valid_BxT[:, :, None, None])
     # A token picks distinct experts, so at most one of its A choices names each expert.
     chosen_BxTxE = jnp.sum(choice_BxTxAxE, axis=2)
     gate_BxTxE = jnp.einsum('BTA,BTAE->BTE', gates_BxTxA, choice_BxTxAxE)
 
-    load_E = jnp.sum(chosen_BxTxE, axis=(0, 1)) / (B * T * A)
-    aux_loss = E * jnp.sum(load_E * jnp.mean(probs_BxTxE, axis=(0, 1)))
-    z_loss = jnp.mean(jax.nn.logsumexp(logits_BxTxE, axis=-1) ** 2)
+    num_valid = jnp.maximum(jnp.sum(valid_BxT), 1.0)
+    load_E = jnp.sum(chosen_BxTxE, axis=(0, 1)) / (num_valid * A)
+    mean_probs_E = jnp.einsum('BTE,BT->E', probs_BxTxE, valid_BxT) / num_valid
+    aux_loss = E * jnp.sum(load_E * mean_probs_E)
+    z_loss = jnp.sum(jax.nn.logsumexp(logits_BxTxE, axis=-1) ** 2 * valid_BxT) / num_valid
     self._sow('losses', 'router_aux_loss', aux_loss)
     self._sow('losses', 'router_z_loss', z_loss)
     self._sow('intermediates', 'expert_load', load_E)
@@ -135,7 +143,8 @@ def moe_losses(state: Mapping[str, Any]) -> dict[str, jnp.ndarray]:
 
 
 def expert_load(state: Mapping[str, Any]) -> jnp.ndarray | None:
-  """[L, E] share of the token->expert assignments per layer and expert; None if dense."""
+  """[L, E] share of the token->expert assignments (before capacity drops) per layer; rows
+  sum to 1 (uniform: 1/E). None for a dense model."""
   loads = _sown(state, 'intermediates', 'expert_load')
   if not loads:
     return None

@@ -1,5 +1,7 @@
 """The decoder-only transformer: pre- or post-norm blocks, scanned or unrolled, with remat."""
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,8 @@ _REMAT_POLICIES = {
 }
 
 
-def _sublayer(config: ModelConfig, norm_name: str, fn, x_BxTxD: jnp.ndarray,
+def _sublayer(config: ModelConfig, norm_name: str,
+              fn: Callable[[jnp.ndarray], jnp.ndarray], x_BxTxD: jnp.ndarray,
               deterministic: bool) -> jnp.ndarray:
   """Pre-norm x + drop(f(norm(x))) (GPT-2, Llama) or post-norm norm(x + drop(f(x)))."""
   drop = nn.Dropout(config.resid_dropout, deterministic=deterministic)
@@ -47,7 +50,10 @@ class Block(nn.Module):
                        decode=decode),
         x_BxTxD, deterministic)
     if c.ffn == 'moe':
-      ffn = moe_lib.MoE(c, name='ffn')
+      # Segment id 0 marks padding (data layer, sampler): it must not take expert capacity.
+      valid_BxT = None if segment_ids_BxT is None else segment_ids_BxT != 0
+      moe = moe_lib.MoE(c, name='ffn')
+      ffn = lambda h: moe(h, valid_BxT)
     else:
       ffn = ffn_lib.ffn_class(c.ffn)(c, name='ffn')
     return _sublayer(c, 'ffn_norm', ffn, x_BxTxD, deterministic)
@@ -97,9 +103,10 @@ class Transformer(nn.Module):
     c = self.config
     if c.vocab_size <= 0:
       raise ValueError(
-          f'model.vocab_size is {c.vocab_size}: the model needs a concrete vocabulary. '
-          'resolve it with lm.config.with_vocab_size(config.model, tokenizer_vocab_size) '
-          'before building the Transformer.')
+          f'model.vocab_size is {c.vocab_size} (meaning "the tokenizer\'s size"), so the '
+          'model has no vocabulary yet: resolve it with '
+          'lm.config.with_vocab_size(config.model, tokenizer_vocab_size) before building '
+          'the Transformer.')
     if positions_BxT is None:
       if decode and not self.is_initializing():
         raise ValueError('Transformer(decode=True) needs positions_BxT: the absolute '

@@ -1,0 +1,267 @@
+"""Checkpoints with orbax: asynchronous atomic saves, latest-k plus best-k retention, restore.
+
+Layout of DIR/checkpoints/<step>/ (one orbax step directory, renamed into place only when
+complete, so a half-written step is never listed or restored):
+
+  params/     the parameters (orbax StandardSave, unreplicated, host arrays)
+  opt_state/  the optimizer state (trainable parameters only)
+  meta/       JSON: step, rng (raw key data), data_step, eval_loss, config (resolved)
+  metrics/    JSON {'eval_loss': x} when a validation loss was known (ranks the best)
+
+Other modes restore through `restore_params(workdir, step)`, `available_steps(workdir)`,
+`best_step(workdir)` and `load_config(workdir)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lm import config as lm_config
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+_ITEMS = ('params', 'opt_state', 'meta')
+_METRIC = 'eval_loss'
+
+
+class _QuietMissingMetrics(logging.Filter):
+  """Steps saved without a validation loss (preemption saves) are expected, not a warning."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_QuietMissingMetrics())
+
+
+def _handlers(items: tuple[str, ...] = _ITEMS) -> dict[str, ocp.CheckpointHandler]:
+  make = {'params': ocp.StandardCheckpointHandler, 'opt_state': ocp.StandardCheckpointHandler,
+          'meta': ocp.JsonCheckpointHandler}
+  return {name: make[name]() for name in items}
+
+
+def _manager(directory: str, keep: int = 1, keep_best: int = 0, async_save: bool = False,
+             create: bool = False) -> ocp.CheckpointManager:
+  """A manager keeping the newest `keep` and the `keep_best` lowest validation losses.
+
+  The newest steps are never deleted, whatever their loss (LatestN is always part of the
+  policy); steps saved without a validation loss compete only as newest.
+  """
+  policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+  if keep_best:
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: metrics[_METRIC], reverse=True, n=keep_best,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      best_fn=lambda metrics: metrics[_METRIC],  # set so that metrics are written
+      best_mode='min',
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      create=create,
+      cleanup_tmp_directories=create)
+  return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+class Checkpointer:
+  """The training run's checkpoints: save (async), resume, retention."""
+
+  def __init__(self, workdir: str, config: lm_config.CheckpointConfig):
+    self._manager = _manager(checkpoint_dir(workdir), keep=config.keep, keep_best=config.keep_best,
+                             async_save=config.async_save, create=True)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any],
+           eval_loss: float | None = None) -> bool:
+    """Starts saving host (numpy) trees; returns False if `step` is already saved.
+
+    Host copies make the save safe from buffer donation by the steps that follow it.
+    """
+    if step in self._manager.all_steps():
+      return False
+    metrics = {_METRIC: float(eval_loss)} if eval_loss is not None and math.isfinite(
+        eval_loss) else None
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(dict(meta, step=step, eval_loss=eval_loss))),
+        metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_params: Any,
+              abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(params, opt_state, meta) of `step` as host arrays, checked against the shapes given."""
+    check_fit(_saved_shapes(self._manager, step), abstract_params, f'step {step}')
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params),
+        opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        meta=ocp.args.JsonRestore()))
+    return restored['params'], restored['opt_state'], dict(restored['meta'])
+
+  def wait(self) -> None:
+    """Blocks until every pending save is on disk (and old steps are cleaned up)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore API for the eval, sample and inspect modes.
+
+
+def available_steps(workdir: str) -> list[int]:
+  """Saved steps in DIR/checkpoints, oldest first ([] if none)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(_manager(directory).all_steps())
+
+
+def eval_losses(workdir: str) -> dict[int, float]:
+  """{step: validation loss} for the saved steps that have one."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return {}
+  manager = _manager(directory)
+  losses = {}
+  for step in manager.all_steps():
+    metrics = manager.metrics(step)
+    if metrics and _METRIC in metrics:
+      losses[step] = float(metrics[_METRIC])
+  return losses
+
+
+def best_step(workdir: str) -> int | None:
+  """The saved step with the lowest validation loss (the newest among ties); None if none."""
+  losses = eval_losses(workdir)
+  if not losses:
+    return None
+  return min(losses, key=lambda step: (losses[step], -step))
+
+
+def resolve_step(workdir: str, step: int | str = 'latest') -> int:
+  """A concrete saved step from N, 'latest' or 'best', with errors that list what exists."""
+  steps = available_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(
+        f'No checkpoints in {checkpoint_dir(workdir)}. Train first (python run.py '
+        f'--mode=train --workdir={workdir} ...) or point --workdir at a run that has them.')
+  if step == 'latest':
+    return steps[-1]
+  if step == 'best':
+    best = best_step(workdir)
+    if best is None:
+      raise ValueError(
+          f'No checkpoint in {checkpoint_dir(workdir)} has a validation loss, so none is '
+          f'"best". Available steps: {_list(steps)}; pass one of them or "latest".')
+    return best
+  try:
+    number = int(step)
+  except (TypeError, ValueError):
+    raise ValueError(f'Checkpoint step {step!r} is not a number, "latest" or "best". '
+                     f'Available steps: {_list(steps)}.') from None
+  if number not in steps:
+    raise ValueError(f'Step {number} is not saved in {checkpoint_dir(workdir)}. Available '
+                     f'steps: {_list(steps)}.')
+  return number
+
+
+def restore_params(workdir: str, step: int | str = 'latest',
+                   model_config: lm_config.ModelConfig | None = None) -> tuple[Any, int]:
+  """(params, step): the parameters of a saved step as a nested dict of host arrays.
+
+  Args:
+    workdir: a training run's directory.
+    step: N, 'latest' or 'best' (lowest validation loss).
+    model_config: if given (vocab_size resolved), the checkpoint must fit this model: a
+      missing, extra or differently shaped parameter is a ValueError naming it and both
+      shapes; arrays are cast to model_config.param_dtype.
+  """
+  number = resolve_step(workdir, step)
+  manager = _manager(checkpoint_dir(workdir))
+  target = None
+  if model_config is not None:
+    from lm import info  # pylint: disable=g-import-not-at-top (info imports the model)
+    target = info.param_shapes(model_config)
+    check_fit(_saved_shapes(manager, number), target, f'{workdir} step {number}')
+  restored = manager.restore(number, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target)))
+  params = jax.tree.map(np.asarray, restored['params'])
+  if model_config is not None:
+    params = jax.tree.map(lambda x, t: x.astype(t.dtype), params, target)
+  return flax.core.unfreeze(params), number
+
+
+def load_config(workdir: str) -> lm_config.Config:
+  """The resolved config a run saved in DIR/config.json."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run '
+                            '(python run.py --mode=train writes it).')
+  with open(path, encoding='utf-8') as f:
+    return lm_config.Config.from_config_dict(json.load(f))
+
+
+def save_config(workdir: str, config: lm_config.Config) -> None:
+  with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
+    json.dump(config.to_dict(), f, indent=2)
+    f.write('\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape checks.
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+  metadata = manager.item_metadata(step)['params']
+  tree = getattr(metadata, 'tree', metadata)
+  flat = flax.traverse_util.flatten_dict(dict(tree), sep='/')
+  return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def check_fit(saved: Mapping[str, tuple[int, ...]], target: Any, source: str) -> None:
+  """Raises ValueError naming the first parameter whose presence or shape differs."""
+  expected = {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(target), sep='/').items()}
+  for path, shape in expected.items():
+    if path not in saved:
+      raise ValueError(
+          f'Checkpoint {source} does not fit the model: parameter {path} {shape} is missing '
+          f'from the checkpoint (it has {_list(sorted(saved))}). Check the model config '
+          '(e.g. tie_embeddings, pos_emb, ffn, scan_layers) against the run\'s config.json.')
+    if saved[path] != shape:
+      raise ValueError(
+          f'Checkpoint {source} does not fit the model: parameter {path} has shape '
+          f'{saved[path]} in the checkpoint but {shape} in the model. Use the model config the '
+          'checkpoint was trained with (its config.json).')
+  extra = sorted(set(saved) - set(expected))
+  if extra:
+    raise ValueError(
+        f'Checkpoint {source} does not fit the model: parameter {extra[0]} '
+        f'{saved[extra[0]]} is in the checkpoint but not in the model. Use the model config '
+        'the checkpoint was trained with (its config.json).')
+
+
+def _list(items: list[Any], limit: int = 20) -> str:
+  shown = ', '.join(str(x) for x in items[:limit])
+  return shown + (f', ... ({len(items)} in all)' if len(items) > limit else '')

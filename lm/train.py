@@ -1,0 +1,526 @@
+"""`--mode=train`: the train state, a pure compiled train step, and the loop around it.
+
+The step is compiled once (jit on one device, pmap over several) with the state's buffers
+donated. Gradients are token-weighted over the whole global batch: each device and
+micro-batch differentiates its own weighted cross-entropy sum divided by the global weight,
+and the sum of those gradients over micro-batches and devices (lax.psum) is exactly the
+large-batch gradient. A non-finite loss, gradient or update keeps the previous parameters and
+optimizer state (the step counter still advances, past the bad batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging as std_logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from absl import logging
+from flax import linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lm import checkpoint as ckpt_lib
+from lm import config as lm_config
+from lm import info as info_lib
+from lm import metrics as metrics_lib
+from lm import model as lm_model
+from lm import optim
+from lm import parallel
+
+
+class NonFiniteLossError(RuntimeError):
+  """train.max_nan_steps consecutive updates were skipped for a NaN or Inf loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Static (hashable) settings of the compiled step."""
+
+  grad_accum: int = 1
+  axis_name: str | None = None  # the pmap axis to reduce over; None: one device
+  dropout: bool = False  # any dropout rate > 0: run the model non-deterministically
+  router_aux_loss_weight: float = 0.0
+  router_z_loss_weight: float = 0.0
+  frozen: tuple[bool, ...] | None = None  # per parameter leaf (tree order): no gradient
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step reads and writes; apply_fn, tx, lr and options are static."""
+
+  step: jax.Array  # int32 [], optimizer steps taken (skipped ones included)
+  params: Any
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 raw key data: dropout keys are folded from it and the step
+  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  lr: optax.Schedule = struct.field(pytree_node=False)
+  options: StepOptions = struct.field(pytree_node=False, default=StepOptions())
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def _psum(x: Any, axis_name: str | None) -> Any:
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _pmean(x: Any, axis_name: str | None) -> Any:
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def _model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+  return dict(positions_BxT=batch.get('positions'), segment_ids_BxT=batch.get('segment_ids'))
+
+
+def weighted_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+                           weights_BxT: jax.Array) -> jax.Array:
+  """Sum over tokens of weight x cross-entropy, in float32."""
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxTxV.astype(jnp.float32), targets_BxT)
+  return jnp.sum(ce_BxT * weights_BxT.astype(jnp.float32))
+
+
+def _objective(params: Any, state: TrainState, batch: Mapping[str, jax.Array],
+               weight_total: jax.Array, moe_scale: float,
+               rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """This device's micro-batch share of the global loss: ce_sum / W_global + MoE / shards."""
+  o = state.options
+  if o.frozen is not None:
+    leaves, treedef = jax.tree.flatten(params)
+    leaves = [jax.lax.stop_gradient(x) if f else x for x, f in zip(leaves, o.frozen)]
+    params = jax.tree.unflatten(treedef, leaves)
+  logits_BxTxV, variables = state.apply_fn(
+      {'params': params}, batch['inputs'], **_model_inputs(batch),
+      deterministic=rng is None, rngs=None if rng is None else {'dropout': rng},
+      mutable=['losses', 'intermediates'])
+  ce_sum = weighted_cross_entropy(logits_BxTxV, batch['targets'], batch['weights'])
+  moe = lm_model.moe_losses(variables)
+  moe_loss = (o.router_aux_loss_weight * moe['router_aux_loss']
+              + o.router_z_loss_weight * moe['router_z_loss'])
+  objective = ce_sum / weight_total + moe_loss * moe_scale
+  return objective, {'ce_sum': ce_sum, **moe}
+
+
+def _gradients(state: TrainState, batch: Mapping[str, jax.Array], weight_total: jax.Array,
+               rng: jax.Array | None) -> tuple[Any, dict[str, jax.Array]]:
+  """Summed gradients and statistics of this device's micro-batches (lax.scan if > 1)."""
+  o = state.options
+  shards = 1 if o.axis_name is None else jax.lax.psum(1, o.axis_name)
+  moe_scale = 1.0 / (o.grad_accum * shards)  # router losses: the mean over all micro-batches
+  grad_fn = jax.grad(_objective, has_aux=True)
+  if o.grad_accum == 1:
+    return grad_fn(state.params, state, batch, weight_total, moe_scale, rng)
+
+  micro = jax.tree.map(
+      lambda x: x.reshape(o.grad_accum, x.shape[0] // o.grad_accum, *x.shape[1:]), batch)
+
+  def accumulate(carry, inputs):
+    index, micro_batch = inputs
+    micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+    grads, stats = grad_fn(state.params, state, micro_batch, weight_total, moe_scale,
+                           micro_rng)
+    return jax.tree.map(jnp.add, carry, (grads, stats)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, (state.params, {
+      'ce_sum': jnp.zeros((), jnp.float32), 'router_aux_loss': jnp.zeros((), jnp.float32),
+      'router_z_loss': jnp.zeros((), jnp.float32)}))
+  (grads, stats), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(o.grad_accum), micro))
+  stats = dict(stats, router_aux_loss=stats['router_aux_loss'] / o.grad_accum,
+               router_z_loss=stats['router_z_loss'] / o.grad_accum)
+  return grads, stats
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+  """One optimizer step on this device's share [B_local, T] of the global batch."""
+  o = state.options
+  weight_total = _psum(jnp.sum(batch['weights'].astype(jnp.float32)), o.axis_name)
+  weight_total = jnp.maximum(weight_total, 1e-9)
+  rng = None
+  if o.dropout:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if o.axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(o.axis_name))
+  grads, stats = _gradients(state, batch, weight_total, rng)
+  grads = _psum(grads, o.axis_name)
+  loss = _psum(stats['ce_sum'], o.axis_name) / weight_total
+  moe = _pmean({k: stats[k] for k in ('router_aux_loss', 'router_z_loss')}, o.axis_name)
+
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, p: jnp.where(finite, n, p), new, old)
+  params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
+  metrics = {
+      'loss': loss,
+      'router_aux_loss': moe['router_aux_loss'],
+      'router_z_loss': moe['router_z_loss'],
+      'grad_norm': grad_norm,
+      'update_norm': jnp.where(finite, update_norm, 0.0),
+      'param_norm': optax.tree.norm(params),
+      'lr': jnp.asarray(state.lr(state.step), jnp.float32),
+      'tokens': weight_total,
+      'skipped': (~finite).astype(jnp.int32),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def train_steps(state: TrainState, batches: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+  """Several steps in one compiled call: batches [K, B_local, T] -> metrics [K]."""
+  return jax.lax.scan(train_step, state, batches)
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Weighted loss sum and weight of a validation batch, summed over devices."""
+  logits_BxTxV = state.apply_fn({'params': state.params}, batch['inputs'],
+                                **_model_inputs(batch), deterministic=True)
+  sums = {'loss_sum': weighted_cross_entropy(logits_BxTxV, batch['targets'], batch['weights']),
+          'weight_sum': jnp.sum(batch['weights'].astype(jnp.float32))}
+  return _psum(sums, state.options.axis_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the state.
+
+
+def step_options(config: lm_config.Config, axis_name: str | None,
+                 frozen: tuple[bool, ...] | None = None) -> StepOptions:
+  m = config.model
+  return StepOptions(
+      grad_accum=config.train.grad_accum,
+      axis_name=axis_name,
+      dropout=max(m.embed_dropout, m.attn_dropout, m.resid_dropout) > 0,
+      router_aux_loss_weight=m.router_aux_loss_weight if m.ffn == 'moe' else 0.0,
+      router_z_loss_weight=m.router_z_loss_weight if m.ffn == 'moe' else 0.0,
+      frozen=frozen)
+
+
+def abstract_params(model_config: lm_config.ModelConfig) -> Any:
+  """Parameters still in their nn.Partitioned boxes, as shapes (nothing allocated)."""
+  model = lm_model.Transformer(model_config)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(model_config: lm_config.ModelConfig) -> Callable[[jax.Array], Any]:
+  model = lm_model.Transformer(model_config)
+  return jax.jit(
+      lambda key: nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))['params']))
+
+
+def init_params(model_config: lm_config.ModelConfig, seed: int) -> Any:
+  """Fresh parameters (unboxed) on the default device; the same for the same seed."""
+  return _init_fn(model_config)(jax.random.fold_in(jax.random.key(seed), 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _static_fields(config: lm_config.Config) -> tuple[Callable[..., Any],
+                                                     optax.GradientTransformation,
+                                                     optax.Schedule]:
+  """apply_fn, tx and lr, one object each per config so that compiled steps are reused."""
+  lr = optim.schedule(config)
+  tx = optim.make_optimizer(config, abstract_params(config.model), lr)
+  return lm_model.Transformer(config.model).apply, tx, lr
+
+
+def create_state(config: lm_config.Config, params: Any | None = None,
+                 axis_name: str | None = None) -> TrainState:
+  """A step-0 state (host arrays are fine): fresh or given params, fresh optimizer state."""
+  apply_fn, tx, lr = _static_fields(config)
+  if params is None:
+    params = init_params(config.model, config.seed)
+  frozen = None
+  if config.train.trainable:
+    frozen = tuple(not t for t in jax.tree.leaves(optim.trainable_mask(config, params)))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
+      apply_fn=apply_fn,
+      tx=tx,
+      lr=lr,
+      options=step_options(config, axis_name, frozen))
+
+
+def parse_init_from(value: str) -> tuple[str, int | str]:
+  """'DIR' -> (DIR, 'latest'); 'DIR:1000' or 'DIR:best' -> (DIR, 1000 | 'best')."""
+  directory, sep, step = value.rpartition(':')
+  if sep and (step.isdigit() or step in ('best', 'latest')):
+    return directory, int(step) if step.isdigit() else step
+  return value, 'latest'
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class _Timer:
+  """Wall time per step over a log interval, excluding evaluation and checkpoint time."""
+
+  start: float = 0.0
+  steps: int = 0
+  excluded: float = 0.0
+
+  def reset(self) -> None:
+    self.start, self.steps, self.excluded = time.perf_counter(), 0, 0.0
+
+  def seconds_per_step(self) -> float | None:
+    if not self.steps:
+      return None
+    return (time.perf_counter() - self.start - self.excluded) / self.steps
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between calls (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(eval_fn: Callable, state: TrainState, data: Any, config: lm_config.Config,
+             strategy: parallel.DataParallel, max_batches: int = 0) -> dict[str, float]:
+  """Validation loss over the split (or its first max_batches batches), token-weighted."""
+  loss_sum, weight_sum = 0.0, 0.0
+  for i, batch in enumerate(data.eval_batches(config.eval.batch_size)):
+    if max_batches and i >= max_batches:
+      break
+    sums = strategy.first(eval_fn(state, strategy.shard(batch)))
+    loss_sum += float(sums['loss_sum'])
+    weight_sum += float(sums['weight_sum'])
+  loss = loss_sum / max(weight_sum, 1e-9)
+  result = {'eval/loss': loss, 'eval/tokens': weight_sum}
+  if getattr(data, 'bytes_per_token', 0):
+    result['eval/bits_per_byte'] = loss / math.log(2) / data.bytes_per_token
+  return result
+
+
+def _stack(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _is_multiple(step: int, every: int) -> bool:
+  return every > 0 and step % every == 0
+
+
+def _log_lines(config: lm_config.Config, start: int, total: int, devices: int,
+               resumed: bool) -> str:
+  return (f'{"Resuming" if resumed else "Training"} at step {start}/{total} on {devices} '
+          f'device(s), global batch {config.train.batch_size} x {config.data.seq_len} tokens.')
+
+
+def train(config: lm_config.Config, workdir: str, *,
+          devices: Sequence[jax.Device] | None = None, data: Any = None,
+          progress: bool = True) -> dict[str, float]:
+  """Trains (resuming from DIR/checkpoints if any) and returns the last metrics logged.
+
+  Args:
+    config: the validated config; model.vocab_size may still be 0 (fitted to the tokenizer).
+    workdir: the run directory (created).
+    devices: default all local devices.
+    data: a prepared lm.data.Data; default lm.data.prepare(config, workdir).
+    progress: show a tqdm bar.
+  """
+  from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy, train-only)
+
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if data is None:
+    data = lm_data.prepare(config, workdir)
+  config = dataclasses.replace(
+      config, model=lm_config.with_vocab_size(config.model, data.tokenizer.vocab_size))
+  strategy = parallel.make(config, devices)
+  ckpt_lib.save_config(workdir, config)
+  t, total = config.train, config.train.steps
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+  state, resumed = _initial_state(config, checkpointer)
+  start = int(state.step)
+  state = state.replace(options=dataclasses.replace(state.options,
+                                                    axis_name=strategy.axis_name))
+  state = strategy.replicate(state)
+  train_fn = strategy.compile(train_steps, donate_argnums=(0,))
+  eval_fn = strategy.compile(eval_step)
+
+  model_info = info_lib.model_info(config)
+  flops_per_token = model_info['flops_per_token']
+  tokens_per_step = t.batch_size * config.data.seq_len
+  peak = metrics_lib.peak_flops(strategy.devices, t.peak_flops)
+  writer = metrics_lib.Writer(workdir, resume_step=start if resumed else None)
+  bar = metrics_lib.Progress(start, total, enabled=progress)
+  logging.info(_log_lines(config, start, total, strategy.num_devices, resumed))
+  bar.write(_log_lines(config, start, total, strategy.num_devices, resumed) +
+            f' {model_info["params_total"]:,} parameters.')
+  if start >= total:
+    bar.write(f'Already trained to step {start} (train.steps={total}); nothing to do. Raise '
+              '--config.train.steps to train further.')
+
+  batches = data.train_iterator(start, t.batch_size, jax.process_index(), jax.process_count())
+  timer, last, nan_run, skipped_total = _Timer(), {}, 0, 0
+  checkpointer_dir = ckpt_lib.checkpoint_dir(workdir)
+  pending: tuple[int, Any] | None = None  # (first step, metrics) of a call not yet read
+
+  def read(call: tuple[int, Any]) -> dict[str, float]:
+    """Host copy of a call's metrics; counts skipped steps and stops after too many."""
+    nonlocal nan_run, skipped_total
+    first, device_metrics = call
+    host = strategy.first(device_metrics)
+    for i, skipped in enumerate(host['skipped']):
+      if skipped:
+        nan_run += 1
+        skipped_total += 1
+        bar.write(f'Step {first + i}: non-finite loss ({host["loss"][i]}); update skipped '
+                  f'({nan_run} in a row).')
+        logging.warning('Step %d: non-finite loss, update skipped.', first + i)
+      else:
+        nan_run = 0
+      if nan_run >= t.max_nan_steps:
+        raise NonFiniteLossError(
+            f'Stopping at step {first + i + 1}: {nan_run} consecutive steps had a NaN or Inf '
+            f'loss (train.max_nan_steps={t.max_nan_steps}). The last good checkpoint is in '
+            f'{checkpointer_dir}. Lower optim.lr, raise optim.warmup_steps, or set '
+            'optim.grad_clip, and resume.')
+    last_step = {k: float(v[-1]) for k, v in host.items()}
+    bar.update(len(host['loss']), last_step['loss'], *_throughput())
+    return last_step
+
+  def _throughput() -> tuple[float | None, float | None]:
+    seconds = timer.seconds_per_step()
+    if seconds is None:
+      return None, None
+    tokens_per_sec = tokens_per_step / seconds
+    return tokens_per_sec, flops_per_token * tokens_per_sec / peak
+
+  step, eval_loss = start, None
+  try:
+    with _Preemption() as preemption:
+      while step < total:
+        k = min(t.steps_per_call, total - step)
+        host_batch = _stack([next(batches) for _ in range(k)])
+        state, device_metrics = train_fn(state, strategy.shard(host_batch, batch_axis=1))
+        if pending is not None:
+          last = read(pending)
+        pending = (step, device_metrics)
+        if step == start:  # the first call compiles: time from its end
+          last = read(pending)
+          pending = None
+          timer.reset()
+        else:
+          timer.steps += k
+        step += k
+
+        log_now = _is_multiple(step, t.log_every) or step == total
+        eval_now = _is_multiple(step, config.eval.every) or step == total or (
+            config.checkpoint.keep_best and _is_multiple(step, config.checkpoint.every))
+        save_now = _is_multiple(step, config.checkpoint.every) or step == total
+        if pending is not None and (log_now or eval_now or save_now or preemption.requested):
+          last = read(pending)
+          pending = None
+        paused = time.perf_counter()
+        tokens_per_sec, mfu = _throughput()
+        seconds = timer.seconds_per_step()
+        scalars = {}
+        if eval_now:
+          max_batches = 0 if step == total else config.eval.max_batches
+          scalars.update(evaluate(eval_fn, state, data, config, strategy, max_batches))
+          eval_loss = scalars['eval/loss']
+          bar.write(f'Step {step}: validation loss {eval_loss:.4f}')
+        if log_now:
+          scalars.update({f'train/{k}': v for k, v in last.items() if k != 'skipped'})
+          scalars.update({
+              'train/skipped_steps': skipped_total,
+              'train/step_time_ms': None if seconds is None else 1e3 * seconds,
+              'train/tokens_per_sec': tokens_per_sec,
+              'train/mfu': mfu,
+          })
+        if scalars:
+          writer.write(step, scalars)
+        if save_now or preemption.requested:
+          _save(checkpointer, strategy, state, step, config,
+                eval_loss if eval_now else None)
+        if preemption.requested:
+          checkpointer.wait()
+          bar.write(f'SIGTERM: saved a checkpoint at step {step}; exiting. Run the same '
+                    'command again to resume.')
+          break
+        if log_now:
+          timer.reset()
+        else:
+          timer.excluded += time.perf_counter() - paused
+      if pending is not None:
+        last = read(pending)
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+    if hasattr(batches, 'close'):
+      batches.close()
+  if eval_loss is not None:
+    logging.info('Final validation loss: %.4f', eval_loss)
+  return dict(last, **({'eval/loss': eval_loss} if eval_loss is not None else {}))
+
+
+def _save(checkpointer: ckpt_lib.Checkpointer, strategy: parallel.DataParallel,
+          state: TrainState, step: int, config: lm_config.Config,
+          eval_loss: float | None) -> None:
+  host = strategy.unreplicate((state.params, state.opt_state, state.rng))
+  params, opt_state, rng = host
+  meta = {'rng': [int(x) for x in np.asarray(rng).reshape(-1)], 'data_step': step,
+          'config': config.to_dict()}
+  checkpointer.save(step, params, opt_state, meta, eval_loss)
+
+
+def _initial_state(config: lm_config.Config,
+                   checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, bool]:
+  """Resumes from this run's latest checkpoint, else starts (from train.init_from if set)."""
+  latest = checkpointer.latest_step()
+  if latest is None:
+    params = None
+    if config.train.init_from:
+      directory, step = parse_init_from(config.train.init_from)
+      params, found = ckpt_lib.restore_params(directory, step, config.model)
+      logging.info('Initialised from %s step %d.', directory, found)
+    return create_state(config, params), False
+  abstract = jax.eval_shape(functools.partial(create_state, config))
+  params, opt_state, meta = checkpointer.restore(latest, abstract.params, abstract.opt_state)
+  rng = np.asarray(meta['rng'], np.uint32).reshape(abstract.rng.shape)
+  return abstract.replace(step=np.asarray(latest, np.int32), params=params,
+                          opt_state=opt_state, rng=rng), True
+
+
+def main(config: lm_config.Config, workdir: str) -> None:
+  """CLI entry: python run.py --mode=train --config=... --workdir=DIR."""
+  # orbax logs every save at INFO; keep the console for the progress bar.
+  std_logging.getLogger('absl').setLevel(std_logging.WARNING)
+  try:
+    result = train(config, workdir)
+  except NonFiniteLossError as e:
+    raise SystemExit(str(e)) from None
+  if 'eval/loss' in result:
+    print(f'Final validation loss: {result["eval/loss"]:.4f}')

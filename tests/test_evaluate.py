@@ -1,0 +1,147 @@
+"""Checkpoint evaluation: exact scores over the whole split, json layout, steps, bad input, CLI."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm import checkpoint
+from lm import data as lm_data
+from lm import evaluate
+from lm import metrics
+from tests import trained_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """(directory, workdir) of the tiny run, trained through lm.train (checkpoints 10 and 20)."""
+  directory = str(tmp_path_factory.mktemp('eval'))
+  return directory, trained_run.train_run(directory)
+
+
+@pytest.fixture(scope='module')
+def all_results(run):
+  return evaluate.evaluate(run[1], 'all')
+
+
+def test_all_steps_oldest_first_match_training_and_write_json(run, all_results):
+  directory, workdir = run
+  assert [r['step'] for r in all_results] == [10, 20]
+  logged = {r['step']: r['eval/loss'] for r in metrics.read(workdir) if 'eval/loss' in r}
+  data = lm_data.prepare(trained_run.config(directory), workdir)
+  for result in all_results:
+    # The trainer's validation pass scores the same split: the losses agree.
+    np.testing.assert_allclose(result['loss'], logged[result['step']], rtol=1e-5)
+    saved = json.loads(open(os.path.join(workdir, 'eval', f'{result["step"]}.json')).read())
+    assert saved == pytest.approx(result)
+    assert result['tokens'] == data.num_eval_tokens() == len(data.val_tokens) - 1
+    assert result['perplexity'] == pytest.approx(math.exp(result['loss']))
+    assert result['bits_per_byte'] == pytest.approx(
+        result['loss'] / math.log(2) / data.bytes_per_token)
+    assert 0 < result['loss_stderr'] < 0.1 and result['windows'] > 1
+    assert result['corpus'].endswith('corpus.txt') and result['seq_len'] == trained_run.SEQ_LEN
+  assert all_results[1]['loss'] < all_results[0]['loss']
+
+
+def test_one_device_gives_the_same_scores_as_eight(run, all_results):
+  """The padded last batch is masked, never dropped, whatever the split over devices."""
+  assert len(jax.local_devices()) == 8
+  one = evaluate.evaluate(run[1], 20, devices=jax.local_devices()[:1], write=False)[0]
+  np.testing.assert_allclose(one['loss'], all_results[1]['loss'], rtol=1e-6)
+  assert one['tokens'] == all_results[1]['tokens']
+
+
+def test_latest_best_and_missing_steps(run):
+  workdir = run[1]
+  best = checkpoint.best_step(workdir)
+  assert evaluate.parse_steps(workdir, None) == [20]
+  assert evaluate.parse_steps(workdir, 'best') == [best]
+  assert evaluate.parse_steps(workdir, '10') == [10]
+  with pytest.raises(ValueError, match='Step 7 is not saved.*Available steps: 10, 20'):
+    evaluate.parse_steps(workdir, '7')
+
+
+def test_empty_workdir_says_train_first(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No checkpoints.*Train first'):
+    evaluate.evaluate(str(tmp_path))
+
+
+def test_config_that_does_not_match_names_the_key_and_the_parameter(run):
+  directory, workdir = run
+  wrong = trained_run.config(directory, model=dict(d_model=64))
+  with pytest.raises(ValueError, match=r'model.d_model: the run was trained with 32 .* says 64'):
+    evaluate.evaluate(workdir, config=wrong)
+  # Should config.json and the checkpoint disagree, restore names the parameter and shapes.
+  saved = checkpoint.load_config(workdir).model
+  with pytest.raises(ValueError, match=r'embed/embedding has shape \(320, 32\) in the '
+                     r'checkpoint but \(320, 64\)'):
+    checkpoint.restore_params(workdir, 20, dataclasses.replace(saved, d_model=64))
+
+
+def test_inference_keys_may_differ_and_learned_positions_do_not_stretch(run):
+  directory, workdir = run
+  bf16 = trained_run.config(directory, model=dict(dtype='bfloat16'))
+  assert evaluate.run_config(workdir, bf16).model.dtype == 'bfloat16'
+  longer = trained_run.config(directory, model=dict(max_seq_len=128))
+  with pytest.raises(ValueError, match='learned positions for 64 tokens'):
+    evaluate.run_config(workdir, longer)
+  too_long = trained_run.config(directory, eval=dict(seq_lens=(128,)))
+  with pytest.raises(ValueError, match='eval.seq_lens: cannot evaluate at seq_len=128.*'
+                     'learned positions for 64.*cannot extrapolate'):
+    evaluate.evaluate(workdir, config=too_long)
+
+
+def test_context_lengths_score_the_same_tokens(run, all_results):
+  directory, workdir = run
+  config = trained_run.config(directory, eval=dict(seq_lens=(16, 64)))
+  result = evaluate.evaluate(workdir, 20, config=config, write=False)[0]
+  assert sorted(result['seq_lens'], key=int) == ['16', '32', '64']
+  tokens = {r['tokens'] for r in result['seq_lens'].values()}
+  assert tokens == {all_results[1]['tokens']}
+  assert result['seq_lens']['32']['loss'] == pytest.approx(all_results[1]['loss'])
+  assert result['seq_lens']['16']['windows'] > result['seq_lens']['64']['windows']
+
+
+def test_other_corpus(run, tmp_path):
+  directory, workdir = run
+  other = tmp_path / 'other.txt'
+  other.write_text('zeta alpha beta. ' * 400)
+  config = trained_run.config(directory, data=dict(corpus=str(other)))
+  result = evaluate.evaluate(workdir, config=config, write=False)[0]
+  assert result['corpus'] == str(other) and result['tokens'] > 0
+
+
+def test_summarize_stderr_and_padding():
+  loss_sum_W = np.array([2.0, 4.0, 6.0, 0.0])
+  weight_W = np.array([2.0, 2.0, 2.0, 0.0])  # the last window is padding
+  r = evaluate.summarize(loss_sum_W, weight_W, bytes_per_token=2.0)
+  assert r['loss'] == pytest.approx(2.0) and r['tokens'] == 6 and r['windows'] == 3
+  assert r['loss_stderr'] == pytest.approx(np.std([1.0, 2.0, 3.0], ddof=1) / math.sqrt(3))
+  assert r['bits_per_byte'] == pytest.approx(2.0 / math.log(2) / 2.0)
+
+
+def test_cli(run, tmp_path):
+  directory, workdir = run
+  config_file = tmp_path / 'tiny.py'
+  config_file.write_text('from tests import trained_run\n\n\ndef get_config(arg=None):\n'
+                         f'  return trained_run.config_dict({directory!r})\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  command = [sys.executable, 'run.py', f'--config={config_file}', f'--workdir={workdir}',
+             '--mode=eval']
+  done = subprocess.run(command + ['--step=all'], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  lines = [l for l in done.stdout.splitlines() if l.startswith('step ')]
+  assert len(lines) == 2 and lines[0].startswith('step 10: loss ') and 'bits/byte' in lines[0]
+  bad = subprocess.run(command + ['--step=7'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode != 0 and 'Available steps: 10, 20' in bad.stderr

@@ -1,0 +1,111 @@
+"""The train step (accumulation, scan, NaN skipping, dtypes) and the loop's logs and stops."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lm import checkpoint
+from lm import metrics
+from lm import train
+from tests import train_fakes
+
+
+STEPS = jax.jit(train.train_steps, donate_argnums=(0,))  # one device; reused across tests
+# The loop tests share one config, so they share its compiled steps.
+LOOP_CONFIG = dict(train__steps=20, train__log_every=5, train__steps_per_call=5,
+                   train__max_nan_steps=3, eval__every=10, checkpoint__every=10)
+
+
+def run_steps(config, steps, start=0):
+  """Losses and final params on one device, steps_per_call steps per compiled call."""
+  state = train.create_state(config)
+  step_fn = STEPS
+  data, k = train_fakes.FakeData(), config.train.steps_per_call
+  losses = []
+  for step in range(start, start + steps, k):
+    batch = train._stack([data.train_batch(s, config.train.batch_size)
+                          for s in range(step, step + k)])
+    state, m = step_fn(state, batch)
+    losses.extend(np.asarray(m['loss']))
+  return np.array(losses), jax.device_get(state.params)
+
+
+def assert_trees_close(a, b, **tolerances):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, **tolerances)
+
+
+def test_grad_accumulation_and_steps_per_call_equal_plain_steps():
+  """4 micro-batches equal the large batch; 5 steps per compiled call equal 5 calls."""
+  losses_1, params_1 = run_steps(train_fakes.tiny_config(), steps=10)
+  assert losses_1[-1] < losses_1[0]
+  losses_4, params_4 = run_steps(train_fakes.tiny_config(train__grad_accum=4), steps=10)
+  np.testing.assert_allclose(losses_4, losses_1, rtol=1e-5)
+  assert_trees_close(params_4, params_1, rtol=1e-3, atol=1e-4)  # Adam: tiny grads flip
+  losses_5, params_5 = run_steps(
+      train_fakes.tiny_config(train__steps_per_call=5, train__log_every=5), steps=10)
+  np.testing.assert_allclose(losses_5, losses_1, rtol=1e-6)
+  assert_trees_close(params_5, params_1, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_loss_skips_the_update():
+  state = train.create_state(train_fakes.tiny_config())
+  good, poisoned = train_fakes.FakeData(), train_fakes.FakeData(poison_from=0)
+  batch = lambda data, step: train._stack([data.train_batch(step, 16)])
+  state, _ = STEPS(state, batch(good, 0))
+  before = jax.device_get((state.params, state.opt_state))
+  state, m = STEPS(state, batch(poisoned, 1))
+  assert int(m['skipped'][0]) == 1 and not np.isfinite(float(m['loss'][0]))
+  assert int(state.step) == 2  # the bad batch is passed, not retried
+  after = jax.device_get((state.params, state.opt_state))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(x, y)
+  state, m = STEPS(state, batch(good, 2))
+  assert int(m['skipped'][0]) == 0 and np.isfinite(float(m['loss'][0]))
+  assert float(m['update_norm'][0]) > 0
+
+
+def test_train_writes_config_metrics_events_and_checkpoints(tmp_path):
+  config = train_fakes.tiny_config(**LOOP_CONFIG)
+  result = train.train(config, str(tmp_path), data=train_fakes.FakeData(), progress=False)
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['model']['vocab_size'] == train_fakes.VOCAB and saved['train']['steps'] == 20
+  records = metrics.read(str(tmp_path))
+  assert [r['step'] for r in records] == [5, 10, 15, 20]
+  for r in records:
+    for key in ('train/loss', 'train/step_time_ms', 'train/tokens_per_sec', 'train/mfu',
+                'train/grad_norm', 'train/param_norm', 'train/update_norm', 'train/lr',
+                'train/router_aux_loss'):
+      assert key in r, key
+    assert ('eval/loss' in r) == (r['step'] in (10, 20))
+  assert records[-1]['train/loss'] < records[0]['train/loss']
+  assert records[-1]['train/mfu'] > 0
+  assert result['eval/loss'] == records[-1]['eval/loss']
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
+  assert checkpoint.available_steps(str(tmp_path)) == [10, 20]
+
+
+def test_a_run_of_non_finite_losses_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = train_fakes.tiny_config(**LOOP_CONFIG)
+  data = train_fakes.FakeData(poison_from=12)  # steps 12, 13, 14 of the call 10..14
+  with pytest.raises(train.NonFiniteLossError, match=r'3 consecutive steps had a NaN or Inf'):
+    train.train(config, str(tmp_path), data=data, progress=False)
+  assert checkpoint.available_steps(str(tmp_path)) == [10]
+  params, step = checkpoint.restore_params(str(tmp_path), 'latest')
+  assert step == 10
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  assert max(r['step'] for r in metrics.read(str(tmp_path))) < 15
+
+
+def test_bfloat16_moe_keeps_float32_master_weights_and_adds_router_losses():
+  config = train_fakes.tiny_config(model__dtype='bfloat16', model__ffn='moe', model__num_layers=1,
+                                   model__num_experts=4, model__top_k=2,
+                                   model__resid_dropout=0.1)
+  state = train.create_state(config)
+  state, m = jax.jit(train.train_step)(state, train_fakes.FakeData().train_batch(0, 16))
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype('float32')}
+  assert np.isfinite(float(m['loss'])) and int(m['skipped']) == 0
+  assert float(m['router_aux_loss']) > 0 and float(m['router_z_loss']) > 0

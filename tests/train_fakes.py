@@ -1,0 +1,79 @@
+"""Shared by the train, parallel and checkpoint tests: tiny configs and an in-memory Data.
+
+FakeData honours lm.data.Data's contract (train_batch a pure function of (seed, step),
+train_iterator from any step, eval_batches with a zero-weight padded tail) without a corpus
+or tokenizer, so step-level tests compile only the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from configs import base
+from lm import config as lm_config
+
+SEQ_LEN = 16
+VOCAB = 64
+
+
+def tiny_config(**overrides: Any) -> lm_config.Config:
+  """A 2-layer, 32-wide model on 16-token windows; overrides as section__key=value (or seed=...)."""
+  c = base.get_config()
+  c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, max_seq_len=SEQ_LEN,
+                 vocab_size=VOCAB)
+  c.data.update(seq_len=SEQ_LEN, tokenizer='byte', corpus='unused', prefetch=0)
+  c.train.update(steps=20, batch_size=16, log_every=1)
+  c.optim.update(warmup_steps=2, lr=3e-3)
+  c.checkpoint.update(every=10, async_save=False)
+  c.eval.update(every=10, batch_size=16, max_batches=2)
+  for name, value in overrides.items():
+    if '__' in name:
+      section, key = name.split('__')
+      c[section][key] = value
+    else:
+      c[name] = value
+  return lm_config.Config.from_config_dict(c)
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  vocab_size: int = VOCAB
+  eos_id: int = 0
+
+
+class FakeData:
+  """Batches of a learnable synthetic language: every odd token is its predecessor + 1."""
+
+  def __init__(self, seed: int = 0, val_batches: int = 3, poison_from: int | None = None):
+    self.tokenizer = Tokenizer()
+    self.bytes_per_token = 1.0
+    self.seed, self.val_batches, self.poison_from = seed, val_batches, poison_from
+
+  def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, step])
+    tokens = rng.integers(1, VOCAB, (batch_size, SEQ_LEN + 1)).astype(np.int32)
+    tokens[:, 1::2] = tokens[:, 0:-1:2] % (VOCAB - 1) + 1
+    weights = np.ones((batch_size, SEQ_LEN), np.float32)
+    weights[:, :2] = 0.5  # uneven token weights: token-weighted means must stay exact
+    if self.poison_from is not None and step >= self.poison_from:
+      weights[0, 0] = np.inf  # an Inf loss from this step on
+    return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': weights}
+
+  def train_iterator(self, start_step: int, batch_size: int, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    del process_index, process_count
+    step = start_step
+    while True:
+      yield self.train_batch(step, batch_size)
+      step += 1
+
+  def eval_batches(self, batch_size: int, seq_len: int | None = None):
+    del seq_len
+    for i in range(self.val_batches):
+      batch = self.train_batch(10**6 + i, batch_size)
+      if i == self.val_batches - 1:
+        batch['weights'][batch_size // 2:] = 0.0
+      yield batch
