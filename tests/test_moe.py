@@ -229,10 +229,10 @@ def test_sown_collections_survive_scan_and_remat(remat):
   np.testing.assert_allclose(load_LxE.sum(-1), 1.0, rtol=1e-6)
   assert state['losses']['layers']['ffn']['router_aux_loss'][0].shape == (2,)
 
-  unrolled = dataclasses.replace(config, scan_layers=False)
+  unrolled = dataclasses.replace(config, scan_layers=False, remat='none')
   params = _restack(variables['params'], 2)
-  _, state_u = jax.jit(lambda p, t: lm.model.Transformer(unrolled).apply(
-      {'params': p}, t, mutable=['losses', 'intermediates']))(params, tokens)
+  _, state_u = lm.model.Transformer(unrolled).apply(
+      {'params': params}, tokens, mutable=['losses', 'intermediates'])
   losses_u = lm.model.moe_losses(state_u)
   for name in ('router_aux_loss', 'router_z_loss'):
     assert float(losses[name]) == pytest.approx(float(losses_u[name]), rel=1e-5)
@@ -261,8 +261,8 @@ def test_transformer_passes_padding_to_the_router():
   model = lm.model.Transformer(config)
   tokens = jax.random.randint(jax.random.key(2), (1, 8), 0, 64)
   params = _random(jax.eval_shape(model.init, jax.random.key(0), tokens)['params'])
-  apply = functools.partial(model.apply, {'params': params},
-                            mutable=['losses', 'intermediates'])
+  apply = jax.jit(functools.partial(model.apply, {'params': params},
+                                    mutable=['losses', 'intermediates']))
   logits, state = apply(tokens)
   padded = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), tokens], axis=1)
   positions = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), jnp.arange(8)[None]], axis=1)
