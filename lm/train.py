@@ -1,11 +1,15 @@
 """`--mode=train`: the train state, a pure compiled train step, and the loop around it.
 
 The step is compiled once (jit on one device, pmap over several) with the state's buffers
-donated. Gradients are token-weighted over the whole global batch: each device and
-micro-batch differentiates its own weighted cross-entropy sum divided by the global weight,
-and the sum of those gradients over micro-batches and devices (lax.psum) is exactly the
-large-batch gradient. A non-finite loss, gradient or update keeps the previous parameters and
-optimizer state (the step counter still advances, past the bad batch).
+donated, and runs train.steps_per_call optimizer steps per call under lax.scan. Gradients are
+token-weighted over the whole global batch: each device and micro-batch differentiates its
+weighted cross-entropy sum divided by the global weight, so the sum of those gradients over
+micro-batches and devices (lax.psum) is exactly the large-batch gradient. A non-finite loss,
+gradient or update keeps the previous parameters and optimizer state (the step counter still
+advances past the bad batch, the optimizer's own count and schedule do not).
+
+The loop resumes from DIR/checkpoints by itself, logs to DIR/metrics.jsonl and TensorBoard,
+evaluates, checkpoints asynchronously, and turns SIGTERM into a checkpoint and a clean exit.
 """
 
 from __future__ import annotations
@@ -329,16 +333,88 @@ def _is_multiple(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
-def _log_lines(config: lm_config.Config, start: int, total: int, devices: int,
-               resumed: bool) -> str:
-  return (f'{"Resuming" if resumed else "Training"} at step {start}/{total} on {devices} '
-          f'device(s), global batch {config.train.batch_size} x {config.data.seq_len} tokens.')
+def _banner(config: lm_config.Config, start: int, devices: int, resumed: bool,
+            params: int) -> str:
+  return (f'{"Resuming" if resumed else "Training"} at step {start}/{config.train.steps} on '
+          f'{devices} device(s), global batch {config.train.batch_size} x '
+          f'{config.data.seq_len} tokens, {params:,} parameters.')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Due:
+  """What happens after the call that ends at a step."""
+
+  log: bool
+  eval: bool
+  save: bool
+
+
+def _due(config: lm_config.Config, step: int) -> _Due:
+  """Logs, evaluations (also at checkpoints that compete for best-k) and saves due at `step`."""
+  last = step == config.train.steps
+  save = _is_multiple(step, config.checkpoint.every) or last
+  return _Due(
+      log=_is_multiple(step, config.train.log_every) or last,
+      eval=_is_multiple(step, config.eval.every) or last or (
+          config.checkpoint.keep_best > 0 and save),
+      save=save)
+
+
+class _Monitor:
+  """Reads calls' metrics on the host, times steps, counts skips, and stops a NaN run."""
+
+  def __init__(self, config: lm_config.Config, strategy: parallel.DataParallel, bar: Any,
+               flops_per_token: float, peak_flops: float, checkpoint_dir: str):
+    self._config, self._strategy, self._bar = config, strategy, bar
+    self._tokens_per_step = config.train.batch_size * config.data.seq_len
+    self._flops_per_token, self._peak = flops_per_token, peak_flops
+    self._checkpoint_dir = checkpoint_dir
+    self.timer = _Timer()
+    self.last: dict[str, float] = {}
+    self.nan_run = self.skipped = 0
+
+  def throughput(self) -> tuple[float | None, float | None, float | None]:
+    """(ms per step, tokens/s, MFU) over the current interval; None before any timed step."""
+    seconds = self.timer.seconds_per_step()
+    if seconds is None:
+      return None, None, None
+    tokens_per_sec = self._tokens_per_step / seconds
+    return 1e3 * seconds, tokens_per_sec, self._flops_per_token * tokens_per_sec / self._peak
+
+  def read(self, first_step: int, device_metrics: Any) -> None:
+    """Host copy of a call's per-step metrics; raises after max_nan_steps skips in a row."""
+    host = self._strategy.first(device_metrics)
+    for i, skipped in enumerate(host['skipped']):
+      self.nan_run = self.nan_run + 1 if skipped else 0
+      if skipped:
+        self.skipped += 1
+        self._bar.write(f'Step {first_step + i}: non-finite loss ({host["loss"][i]}); update '
+                        f'skipped ({self.nan_run} in a row).')
+      if self.nan_run >= self._config.train.max_nan_steps:
+        raise NonFiniteLossError(
+            f'Stopping at step {first_step + i + 1}: {self.nan_run} consecutive steps had a NaN '
+            f'or Inf loss (train.max_nan_steps={self._config.train.max_nan_steps}). The last '
+            f'good checkpoint is in {self._checkpoint_dir}. Lower optim.lr, raise '
+            'optim.warmup_steps or set optim.grad_clip, and run again to resume.')
+    self.last = {k: float(v[-1]) for k, v in host.items() if k != 'skipped'}
+    _, tokens_per_sec, mfu = self.throughput()
+    self._bar.update(len(host['loss']), self.last['loss'], tokens_per_sec, mfu)
+
+  def scalars(self, throughput: tuple[float | None, ...]) -> dict[str, Any]:
+    """The train/ entries of a metrics.jsonl line."""
+    step_time_ms, tokens_per_sec, mfu = throughput
+    return {**{f'train/{k}': v for k, v in self.last.items()},
+            'train/skipped_steps': self.skipped, 'train/step_time_ms': step_time_ms,
+            'train/tokens_per_sec': tokens_per_sec, 'train/mfu': mfu}
 
 
 def train(config: lm_config.Config, workdir: str, *,
           devices: Sequence[jax.Device] | None = None, data: Any = None,
           progress: bool = True) -> dict[str, float]:
   """Trains (resuming from DIR/checkpoints if any) and returns the last metrics logged.
+
+  Validation runs every eval.every steps on eval.max_batches batches, and on the whole split
+  after the last step. SIGTERM saves a checkpoint at the current step and returns.
 
   Args:
     config: the validated config; model.vocab_size may still be 0 (fitted to the tokenizer).
@@ -362,61 +438,28 @@ def train(config: lm_config.Config, workdir: str, *,
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
   state, resumed = _initial_state(config, checkpointer)
   start = int(state.step)
-  state = state.replace(options=dataclasses.replace(state.options,
-                                                    axis_name=strategy.axis_name))
-  state = strategy.replicate(state)
+  state = strategy.replicate(state.replace(
+      options=dataclasses.replace(state.options, axis_name=strategy.axis_name)))
   train_fn = strategy.compile(train_steps, donate_argnums=(0,))
   eval_fn = strategy.compile(eval_step)
 
   model_info = info_lib.model_info(config)
-  flops_per_token = model_info['flops_per_token']
-  tokens_per_step = t.batch_size * config.data.seq_len
-  peak = metrics_lib.peak_flops(strategy.devices, t.peak_flops)
   writer = metrics_lib.Writer(workdir, resume_step=start if resumed else None)
   bar = metrics_lib.Progress(start, total, enabled=progress)
-  logging.info(_log_lines(config, start, total, strategy.num_devices, resumed))
-  bar.write(_log_lines(config, start, total, strategy.num_devices, resumed) +
-            f' {model_info["params_total"]:,} parameters.')
+  monitor = _Monitor(config, strategy, bar, model_info['flops_per_token'],
+                     metrics_lib.peak_flops(strategy.devices, t.peak_flops),
+                     ckpt_lib.checkpoint_dir(workdir))
+  banner = _banner(config, start, strategy.num_devices, resumed, model_info['params_total'])
+  logging.info(banner)
+  bar.write(banner)
   if start >= total:
     bar.write(f'Already trained to step {start} (train.steps={total}); nothing to do. Raise '
               '--config.train.steps to train further.')
 
   batches = data.train_iterator(start, t.batch_size, jax.process_index(), jax.process_count())
-  timer, last, nan_run, skipped_total = _Timer(), {}, 0, 0
-  checkpointer_dir = ckpt_lib.checkpoint_dir(workdir)
-  pending: tuple[int, Any] | None = None  # (first step, metrics) of a call not yet read
-
-  def read(call: tuple[int, Any]) -> dict[str, float]:
-    """Host copy of a call's metrics; counts skipped steps and stops after too many."""
-    nonlocal nan_run, skipped_total
-    first, device_metrics = call
-    host = strategy.first(device_metrics)
-    for i, skipped in enumerate(host['skipped']):
-      if skipped:
-        nan_run += 1
-        skipped_total += 1
-        bar.write(f'Step {first + i}: non-finite loss ({host["loss"][i]}); update skipped '
-                  f'({nan_run} in a row).')
-        logging.warning('Step %d: non-finite loss, update skipped.', first + i)
-      else:
-        nan_run = 0
-      if nan_run >= t.max_nan_steps:
-        raise NonFiniteLossError(
-            f'Stopping at step {first + i + 1}: {nan_run} consecutive steps had a NaN or Inf '
-            f'loss (train.max_nan_steps={t.max_nan_steps}). The last good checkpoint is in '
-            f'{checkpointer_dir}. Lower optim.lr, raise optim.warmup_steps, or set '
-            'optim.grad_clip, and resume.')
-    last_step = {k: float(v[-1]) for k, v in host.items()}
-    bar.update(len(host['loss']), last_step['loss'], *_throughput())
-    return last_step
-
-  def _throughput() -> tuple[float | None, float | None]:
-    seconds = timer.seconds_per_step()
-    if seconds is None:
-      return None, None
-    tokens_per_sec = tokens_per_step / seconds
-    return tokens_per_sec, flops_per_token * tokens_per_sec / peak
-
+  # A call's metrics are read after the next call is dispatched, so the host never stalls
+  # the device, except where a log, evaluation or checkpoint needs them at once.
+  pending: tuple[int, Any] | None = None
   step, eval_loss = start, None
   try:
     with _Preemption() as preemption:
@@ -425,56 +468,45 @@ def train(config: lm_config.Config, workdir: str, *,
         host_batch = _stack([next(batches) for _ in range(k)])
         state, device_metrics = train_fn(state, strategy.shard(host_batch, batch_axis=1))
         if pending is not None:
-          last = read(pending)
+          monitor.read(*pending)
         pending = (step, device_metrics)
         if step == start:  # the first call compiles: time from its end
-          last = read(pending)
+          monitor.read(*pending)
           pending = None
-          timer.reset()
+          monitor.timer.reset()
         else:
-          timer.steps += k
+          monitor.timer.steps += k
         step += k
 
-        log_now = _is_multiple(step, t.log_every) or step == total
-        eval_now = _is_multiple(step, config.eval.every) or step == total or (
-            config.checkpoint.keep_best and _is_multiple(step, config.checkpoint.every))
-        save_now = _is_multiple(step, config.checkpoint.every) or step == total
-        if pending is not None and (log_now or eval_now or save_now or preemption.requested):
-          last = read(pending)
+        due = _due(config, step)
+        if pending is not None and (due.log or due.eval or due.save or preemption.requested):
+          monitor.read(*pending)
           pending = None
         paused = time.perf_counter()
-        tokens_per_sec, mfu = _throughput()
-        seconds = timer.seconds_per_step()
+        throughput = monitor.throughput()  # before evaluation and saving, which it excludes
         scalars = {}
-        if eval_now:
+        if due.eval:
           max_batches = 0 if step == total else config.eval.max_batches
           scalars.update(evaluate(eval_fn, state, data, config, strategy, max_batches))
           eval_loss = scalars['eval/loss']
           bar.write(f'Step {step}: validation loss {eval_loss:.4f}')
-        if log_now:
-          scalars.update({f'train/{k}': v for k, v in last.items() if k != 'skipped'})
-          scalars.update({
-              'train/skipped_steps': skipped_total,
-              'train/step_time_ms': None if seconds is None else 1e3 * seconds,
-              'train/tokens_per_sec': tokens_per_sec,
-              'train/mfu': mfu,
-          })
+        if due.log:
+          scalars.update(monitor.scalars(throughput))
         if scalars:
           writer.write(step, scalars)
-        if save_now or preemption.requested:
-          _save(checkpointer, strategy, state, step, config,
-                eval_loss if eval_now else None)
+        if due.save or preemption.requested:
+          _save(checkpointer, strategy, state, step, config, eval_loss if due.eval else None)
         if preemption.requested:
           checkpointer.wait()
           bar.write(f'SIGTERM: saved a checkpoint at step {step}; exiting. Run the same '
                     'command again to resume.')
           break
-        if log_now:
-          timer.reset()
+        if due.log:
+          monitor.timer.reset()
         else:
-          timer.excluded += time.perf_counter() - paused
+          monitor.timer.excluded += time.perf_counter() - paused
       if pending is not None:
-        last = read(pending)
+        monitor.read(*pending)
   finally:
     bar.close()
     checkpointer.close()
@@ -483,7 +515,7 @@ def train(config: lm_config.Config, workdir: str, *,
       batches.close()
   if eval_loss is not None:
     logging.info('Final validation loss: %.4f', eval_loss)
-  return dict(last, **({'eval/loss': eval_loss} if eval_loss is not None else {}))
+  return dict(monitor.last, **({'eval/loss': eval_loss} if eval_loss is not None else {}))
 
 
 def _save(checkpointer: ckpt_lib.Checkpointer, strategy: parallel.DataParallel,
