@@ -16,6 +16,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 import numpy as np
@@ -53,6 +54,7 @@ def summarize(workdir: str, wall_seconds: float) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = lm_config.Config.from_config_dict(_CONFIG.value)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='shakespeare_char_')
   start = time.perf_counter()

@@ -15,6 +15,7 @@ def get_config(arg=None):
   m.max_seq_len = config.data.seq_len = 128
   llama.llama_style(m)
   m.tie_embeddings = True
+  m.scan_layers = False  # unrolled blocks train about 25% faster on CPU at this size
   t = config.train
   t.steps, t.batch_size, t.log_every = 400, 32, 25
   config.optim.lr = 2e-3

@@ -1,4 +1,4 @@
-"""Character-level Shakespeare with nanoGPT's CPU settings (validation loss about 1.88).
+"""Character-level Shakespeare with nanoGPT's CPU settings, at twice its learning rate (below).
 
 `--config=configs/shakespeare_char.py` reads ../shared/data/tinyshakespeare.txt beside the repo;
 `--config.data.corpus=PATH` points it at any copy.
@@ -32,7 +32,10 @@ def get_config(arg=None):
   t.steps, t.batch_size, t.log_every = 2000, 12, 100
   t.steps_per_call = 10  # a small model's step is short: amortize the per-call cost
   o = config.optim
-  o.lr, o.min_lr_ratio, o.warmup_steps, o.b2 = 1e-3, 0.1, 100, 0.99
+  o.lr, o.min_lr_ratio, o.warmup_steps, o.b2 = 2e-3, 0.1, 100, 0.99
+  # nanoGPT uses lr 1e-3. Here that reaches 1.917 on the whole validation split (1.915 on
+  # nanoGPT-style 20 random batches; the same in an independent minimal JAX GPT), not the
+  # 1.88 nanoGPT reports; 2e-3 reaches about 1.84. benchmarks/BENCHMARKS.md has both.
   o.decay_embeddings = True  # nanoGPT decays every 2-D weight, the tied embedding included
   config.checkpoint.every = 500
   config.eval.every = 500

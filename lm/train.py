@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging as std_logging
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 from flax import linen as nn
@@ -549,7 +548,7 @@ def _initial_state(config: lm_config.Config,
 def main(config: lm_config.Config, workdir: str) -> None:
   """CLI entry: python run.py --mode=train --config=... --workdir=DIR."""
   # orbax logs every save at INFO; keep the console for the progress bar.
-  std_logging.getLogger('absl').setLevel(std_logging.WARNING)
+  logging.set_verbosity(logging.WARNING)
   try:
     result = train(config, workdir)
   except NonFiniteLossError as e:
