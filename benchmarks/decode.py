@@ -82,7 +82,7 @@ def tokens_per_second(model, params, batch: int, new_tokens: int) -> float:
 
 def step_ms(model, params, position: int) -> float:
   """ms per decode step from `position` on, in a cache of CONTEXT slots."""
-  config, params = sample.unroll_layers(model.config, params)  # as generate_tokens does
+  config, params = lm_model.unroll_layers(model.config, params)  # as generate_tokens does
   prefill_fn, decode_fn = sample.compiled(config, sample.Sampling(), EOS, EOS)
   prompt = np.ones((1, position), np.int32)
   lengths = np.array([position], np.int32)

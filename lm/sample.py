@@ -165,23 +165,6 @@ def fit_prompt(ids: Sequence[int], max_new_tokens: int, context: int) -> list[in
   return list(ids)
 
 
-def unroll_layers(model_config: lm_config.ModelConfig,
-                  params: Any) -> tuple[lm_config.ModelConfig, Any]:
-  """The same model with its scanned layer stack split into layer_0..layer_{L-1}.
-
-  Under nn.scan every decode step re-stacks the whole [L, ...] KV cache (a copy per token);
-  unrolled, each layer updates its own cache in place, which halves a GPT-2-small decode step
-  on CPU. Inference only: the parameters are the same numbers.
-  """
-  if not model_config.scan_layers:
-    return model_config, params
-  params = dict(params)
-  stacked = params.pop('layers')
-  for i in range(model_config.num_layers):
-    params[f'layer_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
-  return dataclasses.replace(model_config, scan_layers=False), params
-
-
 def generate_tokens(model: lm_model.Transformer, params: Any, prompts: Sequence[Sequence[int]],
                     *, max_new_tokens: int, eos_id: int, pad_id: int | None = None,
                     sampling: Sampling = Sampling(), seed: int = 0, chunk: int = 0,
@@ -203,7 +186,7 @@ def generate_tokens(model: lm_model.Transformer, params: Any, prompts: Sequence[
   prompts_BxP = np.full((len(prompts), lengths_B.max()), pad_id, np.int32)
   for row, ids in zip(prompts_BxP, prompts):
     row[len(row) - len(ids):] = ids
-  model_config, params = unroll_layers(model.config, jax.device_put(params))
+  model_config, params = lm_model.unroll_layers(model.config, jax.device_put(params))
   prefill_fn, decode_fn = compiled(model_config, sampling, eos_id, pad_id)
   state = prefill_fn(max_new_tokens, params, prompts_BxP, lengths_B,
                      jax.random.key(seed))

@@ -204,15 +204,6 @@ def _random(shapes):
   return jax.tree_util.tree_map_with_path(fill, nn.unbox(shapes))
 
 
-def _restack(params, num_layers):
-  """Scanned {'layers': [L, ...]} -> unrolled {'layer_i': ...}."""
-  params = dict(params)
-  layers = params.pop('layers')
-  for i in range(num_layers):
-    params[f'layer_{i}'] = jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
-  return params
-
-
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_sown_collections_survive_scan_and_remat(remat):
   config = tiny(num_layers=2, scan_layers=True, remat=remat, capacity_factor=0.5)
@@ -229,8 +220,8 @@ def test_sown_collections_survive_scan_and_remat(remat):
   np.testing.assert_allclose(load_LxE.sum(-1), 1.0, rtol=1e-6)
   assert state['losses']['layers']['ffn']['router_aux_loss'][0].shape == (2,)
 
-  unrolled = dataclasses.replace(config, scan_layers=False, remat='none')
-  params = _restack(variables['params'], 2)
+  unrolled, params = lm.model.unroll_layers(config, variables['params'])
+  unrolled = dataclasses.replace(unrolled, remat='none')
   _, state_u = lm.model.Transformer(unrolled).apply(
       {'params': params}, tokens, mutable=['losses', 'intermediates'])
   losses_u = lm.model.moe_losses(state_u)

@@ -11,7 +11,7 @@ import pytest
 
 from configs import base
 from lm.config import Config, ModelConfig
-from lm.model import Transformer
+from lm.model import Transformer, unroll_layers
 
 B, T = 2, 12
 TOKENS = jax.random.randint(jax.random.key(7), (B, T), 0, 64)
@@ -242,22 +242,14 @@ def test_decode_without_positions_is_an_error():
 # Layer stacking, remat, norms, dtypes, heads.
 
 
-def _restack(params, num_layers):
-  params = dict(params)
-  layers = params.pop('layers')
-  for i in range(num_layers):
-    params[f'layer_{i}'] = jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
-  return params
-
-
 @pytest.mark.parametrize('ffn', ['mlp', 'moe'])
 def test_scan_matches_unrolled(ffn):
   config = tiny(num_layers=2, ffn=ffn, pos_emb='relative', capacity_factor=1.0)
   params = random_params(config)
   assert params['layers']['attn_norm']['scale'].shape == (2, 32)
   scanned = Transformer(config).apply({'params': params}, TOKENS)
-  unrolled = Transformer(dataclasses.replace(config, scan_layers=False)).apply(
-      {'params': _restack(params, 2)}, TOKENS)
+  unrolled_config, unrolled_params = unroll_layers(config, params)
+  unrolled = Transformer(unrolled_config).apply({'params': unrolled_params}, TOKENS)
   np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
 
 

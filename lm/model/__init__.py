@@ -18,6 +18,7 @@ into the mutable collections `apply` returns (`moe_losses`, `expert_load`, `drop
 """
 
 from lm.model.moe import dropped_tokens, expert_load, moe_losses
-from lm.model.transformer import Block, Transformer
+from lm.model.transformer import Block, Transformer, unroll_layers
 
-__all__ = ['Block', 'Transformer', 'dropped_tokens', 'expert_load', 'moe_losses']
+__all__ = ['Block', 'Transformer', 'dropped_tokens', 'expert_load', 'moe_losses',
+           'unroll_layers']

@@ -2,6 +2,9 @@
 
 from typing import Callable
 
+import dataclasses
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -139,3 +142,19 @@ class Transformer(nn.Module):
     if c.norm_position == 'pre':  # post-norm blocks already end with a norm
       x_BxTxD = norm(c, 'final_norm')(x_BxTxD)
     return embed_lib.logits(c, x_BxTxD, token_embed)
+
+
+def unroll_layers(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """The same model with its scanned layer stack split into layer_0..layer_{L-1}.
+
+  The parameters are the same numbers. Decoding wants this: under nn.scan every decode step
+  re-stacks the whole [L, ...] KV cache (a copy per token), while unrolled layers each update
+  their own cache in place.
+  """
+  if not config.scan_layers:
+    return config, params
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(config.num_layers):
+    params[f'layer_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return dataclasses.replace(config, scan_layers=False), params
