@@ -70,7 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.prefetch = 2  # batches prepared ahead in a background thread
 
   t = c.train = ml_collections.ConfigDict()
-  t.steps = 1000  # optimizer steps
+  t.steps = 1000  # optimizer steps (unless a budget below is set)
+  t.tokens = 0  # training-token budget: steps = ceil(tokens / (batch_size x seq_len)); 0: off
+  t.flops = 0.0  # training-compute budget in FLOPs (info's flops_per_token x tokens); 0: off
   t.batch_size = 32  # global batch size in sequences, split over all devices
   t.grad_accum = 1  # micro-batches accumulated per optimizer step
   t.steps_per_call = 1  # optimizer steps per compiled call (lax.scan)

@@ -108,6 +108,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int
+  tokens: int
+  flops: float
   batch_size: int
   grad_accum: int
   steps_per_call: int
@@ -232,6 +234,25 @@ def with_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> ModelConfi
         f'embedding. Set --config.model.vocab_size=0 (fit the tokenizer) or >= '
         f'{tokenizer_vocab_size}.')
   return model
+
+
+def with_budget(config: Config, flops_per_token: float) -> Config:
+  """Turns a `train.tokens` or `train.flops` budget into `train.steps` (rounded up).
+
+  Variants of different size then train on equal tokens or equal compute, which is what a fair
+  comparison at a fixed budget needs; `flops_per_token` is lm.info's training estimate.
+  """
+  t = config.train
+  if not (t.tokens or t.flops):
+    return config
+  tokens_per_step = t.batch_size * config.data.seq_len
+  tokens = t.tokens or t.flops / flops_per_token
+  steps = max(1, math.ceil(tokens / tokens_per_step))
+  if config.optim.warmup_steps > steps:
+    budget = f'train.tokens={t.tokens}' if t.tokens else f'train.flops={t.flops:g}'
+    _fail('optim.warmup_steps', f'{config.optim.warmup_steps} exceeds the {steps} steps that '
+          f'{budget} gives', f'Use at most {steps} warmup steps, or a larger budget.')
+  return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
 
 
 def check_devices(config: Config, num_devices: int) -> None:
@@ -367,6 +388,11 @@ def _validate_training(c: Config) -> None:
               'max_nan_steps'):
     _positive(f'train.{key}', getattr(t, key))
   _non_negative('train.peak_flops', t.peak_flops)
+  _non_negative('train.tokens', t.tokens)
+  _non_negative('train.flops', t.flops)
+  if t.tokens and t.flops:
+    _fail('train.flops', f'is set ({t.flops:g}) together with train.tokens={t.tokens}',
+          'Budget a run by tokens or by FLOPs, not both: set the other to 0.')
   if t.batch_size % t.grad_accum:
     _fail('train.grad_accum', f'train.batch_size={t.batch_size} is not divisible by '
           f'grad_accum={t.grad_accum}', 'Use a divisor of the batch size.')
@@ -379,7 +405,7 @@ def _validate_training(c: Config) -> None:
   _one_of('optim.schedule', o.schedule, SCHEDULES)
   _positive('optim.lr', o.lr)
   _non_negative('optim.warmup_steps', o.warmup_steps)
-  if o.warmup_steps > t.steps:
+  if o.warmup_steps > t.steps and not (t.tokens or t.flops):  # budgets: see with_budget
     _fail('optim.warmup_steps', f'{o.warmup_steps} exceeds train.steps={t.steps}',
           f'Use at most {t.steps} warmup steps.')
   if not 0.0 <= o.min_lr_ratio <= 1.0:

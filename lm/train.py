@@ -430,6 +430,8 @@ def train(config: lm_config.Config, workdir: str, *,
     data = lm_data.prepare(config, workdir)
   config = dataclasses.replace(
       config, model=lm_config.with_vocab_size(config.model, data.tokenizer.vocab_size))
+  model_info = info_lib.model_info(config)
+  config = lm_config.with_budget(config, model_info['flops_per_token'])
   strategy = parallel.make(config, devices)
   ckpt_lib.save_config(workdir, config)
   t, total = config.train, config.train.steps
@@ -442,7 +444,6 @@ def train(config: lm_config.Config, workdir: str, *,
   train_fn = strategy.compile(train_steps, donate_argnums=(0,))
   eval_fn = strategy.compile(eval_step)
 
-  model_info = info_lib.model_info(config)
   writer = metrics_lib.Writer(workdir, resume_step=start if resumed else None)
   bar = metrics_lib.Progress(start, total, enabled=progress)
   monitor = _Monitor(config, strategy, bar, model_info['flops_per_token'],
