@@ -98,7 +98,8 @@ def prefill(model: lm_model.Transformer, sampling: Sampling, eos_id: int, pad_id
   segment_ids_BxP = (index_P[None] >= pad_B[:, None]).astype(jnp.int32)
   shapes = jax.eval_shape(
       functools.partial(model.init, decode=True), jax.random.key(0),
-      jax.ShapeDtypeStruct((batch, prompt_len + max_new_tokens), jnp.int32))['cache']
+      jax.ShapeDtypeStruct((batch, cache_length(model.config, prompt_len + max_new_tokens)),
+                           jnp.int32))['cache']
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   logits_BxPxV, variables = model.apply(
       {'params': params, 'cache': cache}, prompts_BxP, positions_BxP, segment_ids_BxP,
@@ -149,8 +150,24 @@ def compiled(model_config: lm_config.ModelConfig, sampling: Sampling, eos_id: in
 # Host side.
 
 
-def fit_prompt(ids: Sequence[int], max_new_tokens: int, context: int) -> list[int]:
+def cache_length(model_config: lm_config.ModelConfig, tokens: int) -> int:
+  """KV-cache slots for `tokens` prompt and new tokens: a sliding-window model's cache rolls
+  over its window, so it needs no more than that however long it generates."""
+  return min(tokens, model_config.attention_window or tokens)
+
+
+def context_length(model_config: lm_config.ModelConfig) -> int | None:
+  """Prompt plus new tokens a model can take: unbounded (None) with a rolling cache, unless
+  learned positions end at max_seq_len."""
+  if model_config.attention_window and model_config.pos_emb != 'learned':
+    return None
+  return model_config.max_seq_len
+
+
+def fit_prompt(ids: Sequence[int], max_new_tokens: int, context: int | None) -> list[int]:
   """Cuts a prompt from the left so that it and the new tokens fit the model's context."""
+  if context is None:
+    return list(ids)
   room = context - max_new_tokens
   if room < 1:
     raise ValueError(
@@ -180,7 +197,7 @@ def generate_tokens(model: lm_model.Transformer, params: Any, prompts: Sequence[
   if any(len(p) == 0 for p in prompts):
     raise ValueError('Every prompt needs at least one token (generate() starts each with EOS).')
   pad_id = eos_id if pad_id is None else pad_id
-  context = model.config.max_seq_len
+  context = context_length(model.config)
   prompts = [fit_prompt(p, max_new_tokens, context) for p in prompts]
   lengths_B = np.array([len(p) for p in prompts], np.int32)
   prompts_BxP = np.full((len(prompts), lengths_B.max()), pad_id, np.int32)
@@ -258,7 +275,7 @@ def generate(model: lm_model.Transformer, params: Any, tokenizer: Any, prompts: 
   if stream is not None and len(prompts) != 1:
     raise ValueError('Streaming needs exactly one prompt; batched prompts return at the end.')
   eos = tokenizer.eos_id
-  ids = [fit_prompt([eos] + tokenizer.encode(p), max_new_tokens, model.config.max_seq_len)
+  ids = [fit_prompt([eos] + tokenizer.encode(p), max_new_tokens, context_length(model.config))
          for p in prompts]
   rows = [_Continuation(tokenizer, row[1:] if row[0] == eos else row, stop) for row in ids]
   streamer = _Streamer(stream, stop) if stream is not None else None

@@ -41,13 +41,13 @@ def random_model(**overrides):
   return model, params
 
 
-def greedy_by_full_passes(model, params, prompts, steps):
+def greedy_by_full_passes(model, params, prompts, steps, width=CONTEXT):
   """The reference: a full forward pass over the whole sequences for every new token."""
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
   rows = [list(p) for p in prompts]
   ended = [False] * len(rows)
   for _ in range(steps):
-    x = np.zeros((len(rows), CONTEXT), np.int32)  # causal: padding after the text is unseen
+    x = np.zeros((len(rows), width), np.int32)  # causal: padding after the text is unseen
     for i, row in enumerate(rows):
       x[i, :len(row)] = row
     logits = np.asarray(forward(params, x))
@@ -82,6 +82,21 @@ def test_cached_greedy_equals_full_forward_passes(name):
   steps = CONTEXT - len(PROMPTS[0])
   got = sample.generate_tokens(model, params, PROMPTS, max_new_tokens=steps, eos_id=EOS)
   assert got == greedy_by_full_passes(model, params, PROMPTS, steps)
+
+
+@pytest.mark.parametrize('window', [4, 7])
+def test_a_sliding_window_model_decodes_past_its_context_with_a_rolling_cache(window):
+  """A cache of `window` slots, prompts longer than it, and 3x max_seq_len tokens in all."""
+  model, params = random_model(pos_emb='rope', attention_window=window, num_kv_heads=2)
+  prompts = [list(range(1, 12)), [17, 3]]
+  steps = 3 * CONTEXT - len(prompts[0])
+  got = sample.generate_tokens(model, params, prompts, max_new_tokens=steps, eos_id=EOS,
+                               chunk=5)
+  assert got == greedy_by_full_passes(model, params, prompts, steps, width=3 * CONTEXT)
+  assert len(got[0]) > CONTEXT  # really past max_seq_len (no EOS early)
+  cache = jax.eval_shape(functools.partial(model.init, decode=True), jax.random.key(0),
+                         jnp.zeros((1, sample.cache_length(model.config, 1000)), jnp.int32))
+  assert jax.tree.leaves(cache['cache'])[1].shape[1 + model.config.scan_layers] == window
 
 
 def test_seed_and_chunking_decide_nothing_but_the_seed_and_top_k_1_is_greedy():

@@ -121,9 +121,7 @@ class Attention(nn.Module):
     k_positions_BxS, k_segment_ids_BxS, k_index_S = positions_BxT, segment_ids_BxT, q_index_T
     if decode and (cached := self._update_cache(
         k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT)) is not None:
-      k_BxSxKxH, v_BxSxKxH, k_positions_BxS, k_segment_ids_BxS, start = cached
-      k_index_S = jnp.arange(k_BxSxKxH.shape[1], dtype=jnp.int32)
-      q_index_T = start + q_index_T
+      k_BxSxKxH, v_BxSxKxH, k_positions_BxS, k_segment_ids_BxS, k_index_S, q_index_T = cached
 
     mask_BxTxS = attention_mask(positions_BxT, k_positions_BxS, segment_ids_BxT,
                                 k_segment_ids_BxS, q_index_T, k_index_S, c.attention_window)
@@ -181,14 +179,19 @@ class Attention(nn.Module):
 
   def _update_cache(self, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, positions_BxT: jax.Array,
                     segment_ids_BxT: jax.Array):
-    """Writes this call's keys at `cache_index` and returns the whole cache (flax lm1b style).
+    """Writes this call's keys into the cache and returns the keys to attend over.
 
-    The first call (`init(..., decode=True)` on [B, S_max] inputs) only creates zeroed
-    buffers of that length and returns None: that call attends over its own inputs. Later calls
-    return (keys, values, positions, segment ids, start index). Positions and segment ids are
-    cached so that masks and position biases over the cache equal those of a full forward pass;
-    pass segment ids on every decode call or on none. Writing past S_max is not checked (the
-    write is clamped by dynamic_update_slice): callers must stop at the cache length.
+    The first call (`init(..., decode=True)` on [B, L] inputs) only creates zeroed buffers of
+    length L and returns None: that call attends over its own inputs. Later calls return (keys,
+    values, positions, segment ids, key order [S], query order [T]); a key is visible to a
+    query only if it comes no later in that order (besides the position masks). Positions and
+    segment ids are cached so that masks and position biases over the cache equal those of a
+    full forward pass; pass segment ids on every decode call or on none.
+
+    Full attention: slot i holds token i, so L bounds the tokens decoded (callers must stop
+    there; dynamic_update_slice clamps, it does not check). Sliding window: the cache rolls,
+    token t going to slot t mod L, so L >= model.attention_window tokens of cache decode any
+    number of tokens (flax lm1b style otherwise).
     """
     initialized = self.has_variable('cache', 'cached_key')
     batch, q_len = positions_BxT.shape
@@ -203,15 +206,33 @@ class Attention(nn.Module):
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
     if not initialized:
       return None
+    buffers = (cached_key, cached_value, cached_positions, cached_segment_ids)
+    new = (k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT)
     start = cache_index.value
-    cached_key.value = lax.dynamic_update_slice(
-        cached_key.value, k_BxTxKxH.astype(cached_key.value.dtype), (0, start, 0, 0))
-    cached_value.value = lax.dynamic_update_slice(
-        cached_value.value, v_BxTxKxH.astype(cached_value.value.dtype), (0, start, 0, 0))
-    cached_positions.value = lax.dynamic_update_slice(
-        cached_positions.value, positions_BxT, (0, start))
-    cached_segment_ids.value = lax.dynamic_update_slice(
-        cached_segment_ids.value, segment_ids_BxT, (0, start))
     cache_index.value = start + q_len
-    return (cached_key.value, cached_value.value, cached_positions.value,
-            cached_segment_ids.value, start)
+    if self.config.attention_window:
+      return self._roll(buffers, new, start)
+    for buffer, value in zip(buffers, new):
+      buffer.value = lax.dynamic_update_slice(
+          buffer.value, value.astype(buffer.value.dtype), (0, start) + (0,) * (value.ndim - 2))
+    cache_len = cached_key.value.shape[1]
+    return (*(buffer.value for buffer in buffers), jnp.arange(cache_len, dtype=jnp.int32),
+            start + jnp.arange(q_len, dtype=jnp.int32))
+
+  @staticmethod
+  def _roll(buffers, new, start: jax.Array):
+    """Rolling cache: attend over the cache as it was plus this call's tokens, then keep the
+    last L tokens. Cached tokens all precede the new ones; slots never written are hidden."""
+    cache_len, q_len = buffers[0].value.shape[1], new[0].shape[1]
+    slot_L = jnp.arange(cache_len, dtype=jnp.int32)
+    order_S = jnp.concatenate([
+        jnp.where(slot_L < start, -1, jnp.iinfo(jnp.int32).max),  # -1: before every query
+        jnp.arange(q_len, dtype=jnp.int32)])
+    keys = tuple(jnp.concatenate([buffer.value, value.astype(buffer.value.dtype)], axis=1)
+                 for buffer, value in zip(buffers, new))
+    kept = min(q_len, cache_len)  # a prompt longer than the cache leaves only its tail
+    slots_M = (start + q_len - kept + jnp.arange(kept, dtype=jnp.int32)) % cache_len
+    for buffer, value in zip(buffers, new):
+      buffer.value = buffer.value.at[:, slots_M].set(value[:, q_len - kept:].astype(
+          buffer.value.dtype))
+    return (*keys, order_S, jnp.arange(q_len, dtype=jnp.int32))
