@@ -18,7 +18,8 @@ EXPERT_FFNS = ('mlp', 'swiglu')
 NORMS = ('layernorm', 'rmsnorm')
 NORM_POSITIONS = ('pre', 'post')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
-ATTENTION_IMPLS = ('xla', 'dot_product_attention')
+ATTENTION_IMPLS = ('xla', 'dot_product_attention', 'blockwise')
+ATTENTION_PATTERNS = ('full', 'local', 'fixed')
 REMATS = ('none', 'full', 'dots', 'dots_no_batch')
 DTYPES = ('float32', 'bfloat16', 'float16')
 TOKENIZERS = ('sentencepiece', 'byte', 'char')
@@ -53,10 +54,14 @@ class ModelConfig:
   relative_num_buckets: int
   relative_max_distance: int
   attention_window: int
+  attention_pattern: str
+  attention_stride: int
+  attention_summary: int
   qk_norm: bool
   attn_logit_softcap: float
   final_logit_softcap: float
   attention_impl: str
+  attention_block: int
   ffn: str
   num_experts: int
   top_k: int
@@ -309,11 +314,12 @@ def validate(config: Config) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
   for key in ('pos_emb', 'ffn', 'expert_ffn', 'norm', 'norm_position', 'rope_scaling',
-              'attention_impl', 'remat', 'dtype', 'param_dtype'):
+              'attention_impl', 'attention_pattern', 'remat', 'dtype', 'param_dtype'):
     choices = {
         'pos_emb': POS_EMBS, 'ffn': FFNS, 'expert_ffn': EXPERT_FFNS, 'norm': NORMS,
         'norm_position': NORM_POSITIONS, 'rope_scaling': ROPE_SCALINGS,
-        'attention_impl': ATTENTION_IMPLS, 'remat': REMATS, 'dtype': DTYPES,
+        'attention_impl': ATTENTION_IMPLS, 'attention_pattern': ATTENTION_PATTERNS,
+        'remat': REMATS, 'dtype': DTYPES,
         'param_dtype': DTYPES}[key]
     _one_of(f'model.{key}', getattr(m, key), choices)
   _non_negative('model.vocab_size', m.vocab_size)
@@ -328,6 +334,7 @@ def _validate_model(m: ModelConfig) -> None:
     _probability(f'model.{key}', getattr(m, key))
   for key in ('attention_window', 'attn_logit_softcap', 'final_logit_softcap'):
     _non_negative(f'model.{key}', getattr(m, key))
+  _validate_attention(m)
   if m.pos_emb == 'rope':
     if not 0.0 < m.rope_fraction <= 1.0:
       _fail('model.rope_fraction', f'must be in (0, 1], got {m.rope_fraction}',
@@ -359,6 +366,27 @@ def _validate_model(m: ModelConfig) -> None:
     _non_negative('model.capacity_factor', m.capacity_factor)
     _non_negative('model.router_aux_loss_weight', m.router_aux_loss_weight)
     _non_negative('model.router_z_loss_weight', m.router_z_loss_weight)
+
+
+def _validate_attention(m: ModelConfig) -> None:
+  if m.attention_pattern == 'local' and not m.attention_window:
+    _fail('model.attention_window', "is 0 but attention_pattern='local' needs a window",
+          'Set e.g. --config.model.attention_window=256.')
+  if m.attention_pattern == 'fixed':
+    if m.attention_stride < 1:
+      _fail('model.attention_stride', f"must be a positive block length for attention_pattern="
+            f"'fixed', got {m.attention_stride}", 'Set e.g. --config.model.attention_stride=64.')
+    if not 1 <= m.attention_summary <= m.attention_stride:
+      _fail('model.attention_summary', f'must be in [1, attention_stride={m.attention_stride}],'
+            f' got {m.attention_summary}', 'Use e.g. 1 (the last position of each block).')
+    if m.attention_window:
+      _fail('model.attention_window', f"is {m.attention_window} with attention_pattern='fixed', "
+            'whose summary positions reach back to the start', 'Set attention_window=0.')
+  if m.attention_impl == 'blockwise':
+    _positive('model.attention_block', m.attention_block)
+    if m.attn_dropout:
+      _fail('model.attn_dropout', f'is {m.attn_dropout}, but blockwise attention never forms '
+            'the weights that dropout would drop', "Use attention_impl='xla', or attn_dropout=0.")
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:

@@ -12,6 +12,7 @@ import pytest
 from configs import base
 from lm.config import Config
 from lm.model import positions
+from lm.model import attention
 from lm.model.attention import Attention
 
 POS_EMBS = ('sinusoidal', 'learned', 'rope', 'alibi', 'relative', 'none')
@@ -111,6 +112,10 @@ def reference_attention(config, params, x, pos, seg):
             continue
           if config.attention_window and pos[b, t] - pos[b, s] >= config.attention_window:
             continue
+          stride = config.attention_stride
+          if config.attention_pattern == 'fixed' and pos[b, t] // stride != pos[b, s] // stride \
+              and pos[b, s] % stride < stride - config.attention_summary:
+            continue
           logits[s] = q[b, t, n] @ k[b, s, kv] / math.sqrt(config.head_dim)
           if config.pos_emb == 'alibi':
             logits[s] -= slopes[n] * (pos[b, t] - pos[b, s])
@@ -121,11 +126,16 @@ def reference_attention(config, params, x, pos, seg):
   return np.einsum('btnh,nhd->btd', y, p['out']['kernel']) + p['out']['bias']
 
 
-@pytest.mark.parametrize('pos_emb,kv_heads,window', [
-    ('rope', 2, 0), ('alibi', 1, 0), ('relative', 2, 3), ('none', 4, 0)])
-def test_matches_reference(pos_emb, kv_heads, window):
+FIXED = dict(attention_pattern='fixed', attention_stride=3, attention_summary=1)
+
+
+@pytest.mark.parametrize('pos_emb,kv_heads,window,pattern', [
+    ('rope', 2, 0, {}), ('alibi', 1, 0, {}), ('relative', 2, 3, {}), ('none', 4, 0, {}),
+    ('rope', 2, 0, FIXED), ('alibi', 4, 0, dict(FIXED, attention_stride=4, attention_summary=2)),
+    ('sinusoidal', 2, 3, dict(attention_pattern='local'))])
+def test_matches_reference(pos_emb, kv_heads, window, pattern):
   config = model_config(pos_emb=pos_emb, num_kv_heads=kv_heads, attention_window=window,
-                        relative_num_buckets=8, relative_max_distance=6)
+                        relative_num_buckets=8, relative_max_distance=6, **pattern)
   x, pos = inputs()
   # Row 1 packs two documents with restarted positions.
   pos = pos.at[1].set(jnp.array([0, 1, 2, 0, 1, 2, 3, 4]))
@@ -382,3 +392,70 @@ def test_under_scan_with_cache():
     y, cache = step(cache, x[:, t:t + 1], pos[:, t:t + 1])
     ys.append(y)
   np.testing.assert_allclose(jnp.concatenate(ys, axis=1), full, atol=1e-5)
+
+
+def test_fixed_pattern_mask_equals_brute_force():
+  """Child et al. (2019): own block, plus the last `summary` positions of earlier blocks."""
+  pos = jnp.arange(12)[None]
+  seg = jnp.zeros((1, 12), jnp.int32)
+  mask = np.asarray(attention.attention_mask(pos, pos, seg, seg, pos[0], pos[0], stride=4,
+                                             summary=2))[0]
+  expected = np.array([[s <= t and (s // 4 == t // 4 or s % 4 >= 2) for s in range(12)]
+                       for t in range(12)])
+  np.testing.assert_array_equal(mask, expected)
+  assert mask[9].tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(pattern='local', window=0), dict(pattern='fixed', stride=0),
+    dict(pattern='fixed', stride=4, summary=5), dict(pattern='fixed', stride=4, window=8)])
+def test_pattern_errors_name_the_key(overrides):
+  keys = dict(pattern='attention_pattern', window='attention_window',
+              stride='attention_stride', summary='attention_summary')
+  with pytest.raises(ValueError, match='model.attention_'):
+    model_config(**{keys[k]: v for k, v in overrides.items()})
+
+
+BLOCKWISE_CASES = [
+    ('rope', 2, dict(), 3), ('alibi', 1, dict(attention_window=3), 4),
+    ('relative', 4, dict(attn_logit_softcap=2.0), 8), ('none', 2, FIXED, 5),
+    ('sinusoidal', 1, dict(qk_norm=True), 16)]
+
+
+@pytest.mark.parametrize('pos_emb,kv_heads,overrides,block', BLOCKWISE_CASES)
+def test_blockwise_equals_xla_forward_and_gradients(pos_emb, kv_heads, overrides, block):
+  """Blocks that do not divide T, packed documents and every bias: values and gradients."""
+  x, pos = inputs()
+  pos = pos.at[1].set(jnp.array([0, 1, 2, 0, 1, 2, 3, 4]))
+  seg = jnp.array([[0] * T, [1, 1, 1, 2, 2, 2, 2, 2]])
+  common = dict(pos_emb=pos_emb, num_kv_heads=kv_heads, relative_num_buckets=8,
+                relative_max_distance=6, **overrides)
+  xla = model_config(attention_impl='xla', **common)
+  blocks = model_config(attention_impl='blockwise', attention_block=block, **common)
+  params = randomize_biases(init(xla, x, pos)['params'])
+
+  def loss(config, params, x):
+    y = Attention(config).apply({'params': params}, x, pos, seg)
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+
+  np.testing.assert_allclose(Attention(blocks).apply({'params': params}, x, pos, seg),
+                             Attention(xla).apply({'params': params}, x, pos, seg), atol=1e-5)
+  grads = [jax.grad(loss, argnums=(1, 2))(c, params, x) for c in (blocks, xla)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+
+
+def test_blockwise_decodes_from_the_cache():
+  config = model_config(pos_emb='alibi', num_kv_heads=2, attention_impl='blockwise',
+                        attention_block=3)
+  x, pos = inputs()
+  variables = init(config, x, pos)
+  full = Attention(model_config(pos_emb='alibi', num_kv_heads=2)).apply(variables, x, pos)
+  np.testing.assert_allclose(decode_all(config, variables, x, pos), full, atol=1e-5)
+
+
+def test_fixed_pattern_decodes_from_the_cache():
+  config = model_config(pos_emb='rope', num_kv_heads=2, **FIXED)
+  x, pos = inputs()
+  variables = init(config, x, pos)
+  np.testing.assert_allclose(decode_all(config, variables, x, pos),
+                             Attention(config).apply(variables, x, pos), atol=1e-5)

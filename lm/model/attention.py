@@ -18,19 +18,22 @@ import jax.numpy as jnp
 from jax import lax
 
 from lm.config import ModelConfig
+from lm.model import blockwise
 from lm.model import positions as pos_lib
 
 
-@functools.partial(jax.jit, static_argnames='window')
+@functools.partial(jax.jit, static_argnames=('window', 'stride', 'summary'))
 def attention_mask(q_positions_BxT: jax.Array, k_positions_BxS: jax.Array,
                    q_segment_ids_BxT: jax.Array, k_segment_ids_BxS: jax.Array,
                    q_index_T: jax.Array, k_index_S: jax.Array,
-                   window: int = 0) -> jax.Array:
+                   window: int = 0, stride: int = 0, summary: int = 1) -> jax.Array:
   """Which keys each query may see, [B, T, S] bool.
 
   Causality is checked twice: by positions (packed documents restart them) and by index order
   (so that restarted positions never let a token see a later slot). Segment ids separate
   documents and padding; `window` > 0 limits the span to the last `window` positions.
+  `stride` > 0 is the Sparse Transformer's fixed pattern (Child et al., 2019): a query sees its
+  own block of `stride` positions and the last `summary` positions of every earlier block.
   """
   q_pos_BxTx1 = q_positions_BxT[:, :, None]
   k_pos_Bx1xS = k_positions_BxS[:, None, :]
@@ -39,7 +42,28 @@ def attention_mask(q_positions_BxT: jax.Array, k_positions_BxS: jax.Array,
   mask_BxTxS &= k_segment_ids_BxS[:, None, :] == q_segment_ids_BxT[:, :, None]
   if window > 0:
     mask_BxTxS &= q_pos_BxTx1 - k_pos_Bx1xS < window
+  if stride > 0:
+    same_block_BxTxS = q_pos_BxTx1 // stride == k_pos_Bx1xS // stride
+    mask_BxTxS &= same_block_BxTxS | (k_pos_Bx1xS % stride >= stride - summary)
   return mask_BxTxS
+
+
+def mask_options(config: ModelConfig) -> dict[str, int]:
+  """attention_mask's static arguments for a model's attention pattern."""
+  fixed = config.attention_pattern == 'fixed'
+  return dict(window=config.attention_window, stride=config.attention_stride if fixed else 0,
+              summary=config.attention_summary)
+
+
+@functools.partial(jax.jit, static_argnames=('num_buckets', 'max_distance'))
+def relative_bias(table_bucketsxN: jax.Array, q_positions_BxT: jax.Array,
+                  k_positions_BxS: jax.Array, num_buckets: int,
+                  max_distance: int) -> jax.Array:
+  """T5's learned bias [B, N, T, S] (float32): one value per head and distance bucket."""
+  relative_BxTxS = k_positions_BxS[:, None, :] - q_positions_BxT[:, :, None]
+  bucket_BxTxS = pos_lib.relative_bucket(relative_BxTxS, num_buckets, max_distance)
+  bias_BxTxSxN = jnp.take(table_bucketsxN.astype(jnp.float32), bucket_BxTxS, axis=0)
+  return bias_BxTxSxN.transpose(0, 3, 1, 2)
 
 
 @functools.partial(jax.jit, static_argnames='softcap')
@@ -83,7 +107,7 @@ class Attention(nn.Module):
     c = self.config
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     num_heads, num_kv_heads, head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-    batch, q_len, d_model = x_BxTxD.shape
+    batch, q_len, _ = x_BxTxD.shape
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.zeros((batch, q_len), jnp.int32)
     positions_BxT = positions_BxT.astype(jnp.int32)
@@ -123,11 +147,23 @@ class Attention(nn.Module):
         k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT)) is not None:
       k_BxSxKxH, v_BxSxKxH, k_positions_BxS, k_segment_ids_BxS, k_index_S, q_index_T = cached
 
-    mask_BxTxS = attention_mask(positions_BxT, k_positions_BxS, segment_ids_BxT,
-                                k_segment_ids_BxS, q_index_T, k_index_S, c.attention_window)
-    bias_BxNxTxS = self._position_bias(positions_BxT, k_positions_BxS)
+    mask_fn = functools.partial(attention_mask, positions_BxT, q_segment_ids_BxT=segment_ids_BxT,
+                                q_index_T=q_index_T, **mask_options(c))
+    bias_fn = self._position_bias()
+    if bias_fn is not None:
+      bias_fn = functools.partial(bias_fn, positions_BxT)
 
     use_dropout = c.attn_dropout > 0 and not deterministic
+    if c.attention_impl == 'blockwise':
+      y_BxTxNxH = blockwise.attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, k_positions_BxS, k_segment_ids_BxS, k_index_S,
+          lambda pos, seg, order: mask_fn(k_positions_BxS=pos, k_segment_ids_BxS=seg,
+                                          k_index_S=order),
+          bias_fn, c.attention_block, c.attn_logit_softcap)
+      return self._out(y_BxTxNxH)
+    mask_BxTxS = mask_fn(k_positions_BxS=k_positions_BxS, k_segment_ids_BxS=k_segment_ids_BxS,
+                         k_index_S=k_index_S)
+    bias_BxNxTxS = None if bias_fn is None else bias_fn(k_positions_BxS)
     # jax.nn.dot_product_attention has neither a logit soft cap nor dropout on the weights;
     # those configurations take the einsum path below.
     if c.attention_impl == 'dot_product_attention' and not c.attn_logit_softcap and (
@@ -148,33 +184,32 @@ class Attention(nn.Module):
       y_BxTxKxGxH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BxKxGxTxS.astype(dtype),
                                v_BxSxKxH.astype(dtype))
       y_BxTxNxH = y_BxTxKxGxH.reshape(batch, q_len, num_heads, head_dim)
+    return self._out(y_BxTxNxH)
 
+  def _out(self, y_BxTxNxH: jax.Array) -> jax.Array:
+    c = self.config
     out_std = c.init_std / math.sqrt(2 * c.num_layers)  # GPT-2: residual projections
     return nn.DenseGeneral(
-        features=d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=dtype,
-        param_dtype=param_dtype,
+        features=c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=jnp.dtype(c.dtype),
+        param_dtype=jnp.dtype(c.param_dtype),
         kernel_init=_partitioned(nn.initializers.normal(out_std),
                                  ('heads', 'head_dim', 'embed')),
         bias_init=_partitioned(nn.initializers.zeros, ('embed',)),
         name='out')(y_BxTxNxH)
 
-  def _position_bias(self, q_positions_BxT: jax.Array,
-                     k_positions_BxS: jax.Array) -> jax.Array | None:
-    """ALiBi or learned T5 bias [B, N, T, S] (float32) from actual positions; else None."""
+  def _position_bias(self):
+    """ALiBi's or T5's bias as a pure function (q_positions_BxT, k_positions_BxS) -> [B, N, T,
+    S] float32 of actual positions, so it can be built per key block; None for other schemes."""
     c = self.config
     if c.pos_emb == 'alibi':
-      return pos_lib.alibi_bias(q_positions_BxT, k_positions_BxS,
-                                pos_lib.alibi_slopes(c.num_heads))
+      return functools.partial(pos_lib.alibi_bias, slopes_N=pos_lib.alibi_slopes(c.num_heads))
     if c.pos_emb == 'relative':
       table_bucketsxN = self.param(
           'relative_bias',
           _partitioned(nn.initializers.normal(c.init_std), ('relative_buckets', 'heads')),
           (c.relative_num_buckets, c.num_heads), jnp.dtype(c.param_dtype))
-      relative_BxTxS = k_positions_BxS[:, None, :] - q_positions_BxT[:, :, None]
-      bucket_BxTxS = pos_lib.relative_bucket(relative_BxTxS, c.relative_num_buckets,
-                                             c.relative_max_distance)
-      bias_BxTxSxN = jnp.take(table_bucketsxN.astype(jnp.float32), bucket_BxTxS, axis=0)
-      return bias_BxTxSxN.transpose(0, 3, 1, 2)
+      return functools.partial(relative_bias, table_bucketsxN, num_buckets=c.relative_num_buckets,
+                               max_distance=c.relative_max_distance)
     return None
 
   def _update_cache(self, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, positions_BxT: jax.Array,
