@@ -20,7 +20,7 @@ MODES = {
     'info': ('lm.info', ()),
     'sweep': ('lm.sweep', ('sweep_dry_run', 'sweep_workers')),
     'report': ('lm.sweep', ()),
-    'inspect': ('lm.inspect', ('step', 'prompt', 'hf')),
+    'inspect': ('lm.inspect', ('step', 'prompt', 'hf', 'tokens')),
     'merge': ('lm.lora', ('step',)),
 }
 
@@ -30,6 +30,8 @@ flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, tokenize
 flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.')
 flags.DEFINE_string('step', None, 'Checkpoint to restore: a step N, "best", or "all".')
 flags.DEFINE_multi_string('prompt', None, 'Prompt for sample and inspect (repeatable).')
+flags.DEFINE_string('tokens', None, 'Inspect: comma-separated tokens whose embedding '
+                    'neighbours to show.')
 flags.DEFINE_string('hf', None, 'Use an imported Hugging Face checkpoint directory instead.')
 flags.DEFINE_bool('sweep_dry_run', False, 'List the runs of a sweep without training.')
 flags.DEFINE_integer('sweep_workers', 1, 'Sweep runs trained in parallel processes.')

@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.steps_per_call = 1  # optimizer steps per compiled call (lax.scan)
   t.log_every = 50  # steps between metrics.jsonl lines
   t.max_nan_steps = 10  # consecutive non-finite losses (updates skipped) before the run stops
-  t.init_from = ''  # DIR[:step] of another run to start from; '': random init
+  t.init_from = ''  # DIR[:step] of another run, or hf:PATH; '': random init
   t.trainable = ()  # regexes over parameter paths that train; empty: everything
   t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0: from a table, or a measured matmul on CPU
 
@@ -122,6 +122,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p = c.parallel = ml_collections.ConfigDict()
   p.strategy = 'pmap'  # pmap (replicated data parallelism) | mesh (jit over a sharded mesh)
   p.mesh_data = -1  # mesh: data-parallel axis size; -1: the devices left over
-  p.mesh_fsdp = 1  # mesh: parameter-sharding axis size
-  p.mesh_tensor = 1  # mesh: tensor-parallel axis size
+  p.mesh_fsdp = 1  # mesh: parameter-sharding axis size (ZeRO-3 / FSDP); -1: the rest
+  p.mesh_expert = 1  # mesh: expert-parallel axis size (MoE experts, and the batch); -1: the rest
+  p.mesh_tensor = 1  # mesh: tensor-parallel axis size (heads, FFN width, vocab); -1: the rest
+  # mesh: logical axis -> mesh axes ('a,b' for several, '' replicated); the model names its axes.
+  # Where two axes of one weight ask for the same mesh axis, the one listed first here gets it.
+  r = p.rules = ml_collections.ConfigDict()
+  r.batch = 'data,fsdp,expert'  # the batch of every input and activation
+  r.expert = 'expert'  # MoE experts (the stacked [E, ...] expert weights)
+  r.vocab = 'tensor'  # token embedding rows and LM head columns
+  r.embed = 'fsdp'  # d_model: FSDP shards every weight along it
+  r.heads = 'tensor'  # query heads (and attention output rows)
+  r.kv_heads = 'tensor'  # key/value heads; '' for MQA or when num_kv_heads < mesh_tensor
+  r.head_dim = ''  # per-head width
+  r.mlp = 'tensor'  # FFN hidden width
+  r.layers = ''  # the stacked layer axis of scan_layers=True
+  r.relative_buckets = ''  # T5 relative-position buckets (pos_emb=relative)
+  p.distributed = False  # multi-host: jax.distributed.initialize (unset keys below: JAX detects)
+  p.coordinator_address = ''  # distributed: process 0's host:port; '': from JAX or SLURM env
+  p.num_processes = 0  # distributed: processes in the job; 0: from SLURM, Open MPI, Cloud TPU, ...
+  p.process_id = -1  # distributed: this process's index (0 is the coordinator); -1: detected
   return c

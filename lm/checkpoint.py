@@ -3,10 +3,16 @@
 Layout of DIR/checkpoints/<step>/ (one orbax step directory, renamed into place only when
 complete, so a half-written step is never listed or restored):
 
-  params/     the parameters (orbax StandardSave, unreplicated, host arrays)
+  params/     the parameters (orbax StandardSave: global arrays, whatever saved them)
   opt_state/  the optimizer state (trainable parameters only)
   meta/       JSON: step, rng (raw key data), data_step, eval_loss, config (resolved)
   metrics/    JSON {'eval_loss': x} when a validation loss was known (ranks the best)
+
+Under parallel.strategy=mesh the arrays are saved sharded, every process writing its own shards
+(orbax coordinates the processes and renames the step into place once all are done). A
+checkpoint holds global shapes only, so it restores on any device count or mesh: pass
+ShapeDtypeStructs with the target shardings (lm.parallel's `target`) and orbax reads each device's
+slice straight into place.
 
 Other modes restore through `restore_params(workdir, step)`, `available_steps(workdir)`,
 `best_step(workdir)` and `load_config(workdir)`.
@@ -90,9 +96,10 @@ class Checkpointer:
 
   def save(self, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any],
            eval_loss: float | None = None) -> bool:
-    """Starts saving host (numpy) trees; returns False if `step` is already saved.
+    """Starts saving; returns False if `step` is already saved. Every process calls it.
 
-    Host copies make the save safe from buffer donation by the steps that follow it.
+    Trees are host (numpy) copies (pmap) or sharded jax.Arrays (mesh); orbax copies device
+    arrays to host before returning, so buffer donation by the steps that follow is safe.
     """
     if step in self._manager.all_steps():
       return False
@@ -108,7 +115,11 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_params: Any,
               abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """(params, opt_state, meta) of `step` as host arrays, checked against the shapes given."""
+    """(params, opt_state, meta) of `step`, checked against the shapes given.
+
+    Targets with a `sharding` (jax.ShapeDtypeStruct) restore straight into it, on any mesh;
+    without one, arrays come back unsharded.
+    """
     check_fit(_saved_shapes(self._manager, step), abstract_params, f'step {step}')
     restored = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
@@ -199,17 +210,26 @@ def restore_params(workdir: str, step: int | str = 'latest',
   """
   number = resolve_step(workdir, step)
   manager = _manager(checkpoint_dir(workdir))
-  target = None
   if model_config is not None:
     from lm import info  # pylint: disable=g-import-not-at-top (info imports the model)
     target = info.param_shapes(model_config)
     check_fit(_saved_shapes(manager, number), target, f'{workdir} step {number}')
+  else:
+    metadata = manager.item_metadata(number)['params']
+    target = dict(getattr(metadata, 'tree', metadata))
   restored = manager.restore(number, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target)))
+      params=ocp.args.StandardRestore(on_one_device(target))))
   params = jax.tree.map(np.asarray, restored['params'])
   if model_config is not None:
     params = jax.tree.map(lambda x, t: x.astype(t.dtype), params, target)
   return flax.core.unfreeze(params), number
+
+
+def on_one_device(tree: Any) -> Any:
+  """Restore targets on this process's first device, whatever devices or hosts saved the
+  checkpoint (orbax would otherwise reuse the saved shardings, which need that topology)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
 def load_config(workdir: str) -> lm_config.Config:

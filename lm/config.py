@@ -27,6 +27,14 @@ SP_MODEL_TYPES = ('bpe', 'unigram')
 OPTIMIZERS = ('adamw', 'adafactor', 'lion', 'muon')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 STRATEGIES = ('pmap', 'mesh')
+# The device mesh of parallel.strategy=mesh, outermost first (parallel.mesh_<axis> sizes).
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+# Every logical axis name the model's parameters carry, plus 'batch' for inputs; each needs a
+# parallel.rules entry (a new name in lm/model goes here and into configs/base.py).
+# Listed in priority order: where two axes of one weight ask for the same mesh axis, the
+# earlier gets it (flax logical rules).
+LOGICAL_AXES = ('batch', 'expert', 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
+                'layers', 'relative_buckets')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +176,35 @@ class SampleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
+  """Device layout. `rules` pairs each logical axis with the mesh axes it is sharded over."""
+
   strategy: str
   mesh_data: int
   mesh_fsdp: int
+  mesh_expert: int
   mesh_tensor: int
+  rules: tuple[tuple[str, str], ...]
+  distributed: bool
+  coordinator_address: str
+  num_processes: int
+  process_id: int
+
+  @property
+  def mesh_sizes(self) -> dict[str, int]:
+    """Configured size of each of MESH_AXES (-1: the devices left over)."""
+    return {axis: getattr(self, f'mesh_{axis}') for axis in MESH_AXES}
+
+  def mesh_rules(self) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """flax logical-axis rules: (logical name, a mesh axis, several, or None: replicated)."""
+    def axes(rule: str) -> str | tuple[str, ...] | None:
+      names = mesh_axes(rule)
+      return names[0] if len(names) == 1 else names or None
+    return tuple((name, axes(rule)) for name, rule in self.rules)
+
+
+def mesh_axes(rule: str) -> tuple[str, ...]:
+  """'data,fsdp' -> ('data', 'fsdp'); '' -> () (replicated)."""
+  return tuple(axis.strip() for axis in rule.split(',') if axis.strip())
 
 
 _SECTIONS = {
@@ -213,13 +246,17 @@ class Config:
       _check_keys(values, [f.name for f in dataclasses.fields(section_cls)], where=f'{name}.')
       if name == 'model':
         values = _resolve_model_sizes(values)
+      if name == 'parallel':
+        values = _resolve_rules(values)
       sections[name] = section_cls(**_coerce(section_cls, values, name))
     config = cls(seed=_coerce_value(raw['seed'], int, 'seed'), **sections)
     validate(config)
     return config
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    values = dataclasses.asdict(self)
+    values['parallel']['rules'] = dict(self.parallel.rules)  # as written in configs/base.py
+    return values
 
 
 def with_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> ModelConfig:
@@ -260,19 +297,23 @@ def with_budget(config: Config, flops_per_token: float) -> Config:
   return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
 
 
-def check_devices(config: Config, num_devices: int) -> None:
-  """Checks that the global batch splits evenly over devices and micro-batches."""
+def check_devices(config: Config, num_devices: int, over: str = 'devices') -> None:
+  """Checks that the global batch splits evenly over devices and micro-batches.
+
+  `num_devices` is what the batch is split over: every device under pmap, the product of the
+  mesh axes in parallel.rules.batch under mesh (`over` names them in the error).
+  """
   t = config.train
   per_step = num_devices * t.grad_accum
   if t.batch_size % per_step:
     raise ValueError(
-        f'train.batch_size={t.batch_size} must be divisible by devices x train.grad_accum = '
+        f'train.batch_size={t.batch_size} must be divisible by {over} x train.grad_accum = '
         f'{num_devices} x {t.grad_accum} = {per_step}. Use a multiple of {per_step}, e.g. '
         f'--config.train.batch_size={max(per_step, t.batch_size // per_step * per_step)}.')
   if config.eval.batch_size % num_devices:
     raise ValueError(
         f'eval.batch_size={config.eval.batch_size} must be divisible by the {num_devices} '
-        f'devices. Use a multiple of {num_devices}.')
+        f'{over}. Use a multiple of {num_devices}.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,12 +501,40 @@ def _validate_training(c: Config) -> None:
   _non_negative('sample.top_k', s.top_k)
   if not 0.0 < s.top_p <= 1.0:
     _fail('sample.top_p', f'must be in (0, 1], got {s.top_p}', 'Use 1.0 to turn it off.')
+  _validate_parallel(p)
+
+
+def _validate_parallel(p: ParallelConfig) -> None:
   _one_of('parallel.strategy', p.strategy, STRATEGIES)
-  for key in ('mesh_data', 'mesh_fsdp', 'mesh_tensor'):
-    value = getattr(p, key)
+  for axis, value in p.mesh_sizes.items():
     if value == 0 or value < -1:
-      _fail(f'parallel.{key}', f'must be a positive size or -1 (the rest), got {value}',
+      _fail(f'parallel.mesh_{axis}', f'must be a positive size or -1 (the rest), got {value}',
             'Use e.g. 1, 2, 4 or -1.')
+  rest = [f'mesh_{axis}' for axis, value in p.mesh_sizes.items() if value == -1]
+  if len(rest) > 1:
+    _fail(f'parallel.{rest[1]}', f'is -1 like parallel.{rest[0]}; only one mesh axis can take '
+          'the devices left over', f'Give parallel.{rest[1]} a size.')
+  for name, rule in p.rules:
+    axes = mesh_axes(rule)
+    for axis in axes:
+      if axis not in MESH_AXES:
+        near = difflib.get_close_matches(axis, MESH_AXES, n=1)
+        hint = f'Did you mean {near[0]!r}? ' if near else ''
+        _fail(f'parallel.rules.{name}', f'{axis!r} is not a mesh axis ({", ".join(MESH_AXES)})',
+              f"{hint}Use mesh axis names separated by commas, or '' to replicate.")
+    if len(set(axes)) != len(axes):
+      _fail(f'parallel.rules.{name}', f'{rule!r} names a mesh axis twice', 'Name each once.')
+  if p.distributed and p.strategy != 'mesh':
+    _fail('parallel.distributed', 'multi-host runs need parallel.strategy=mesh (pmap keeps '
+          'one replica per local device and never spans hosts)',
+          'Set --config.parallel.strategy=mesh.')
+  _non_negative('parallel.num_processes', p.num_processes)
+  if p.process_id < -1:
+    _fail('parallel.process_id', f'must be >= 0, or -1 (from the environment), got '
+          f'{p.process_id}', 'Use 0 for the coordinator, 1, 2, ... for the others.')
+  if p.num_processes and p.process_id >= p.num_processes:
+    _fail('parallel.process_id', f'{p.process_id} is not below parallel.num_processes='
+          f'{p.num_processes}', f'Use 0 .. {p.num_processes - 1}.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +557,21 @@ def _resolve_model_sizes(values: dict[str, Any]) -> dict[str, Any]:
       multiple = values['ffn_multiple_of']
       values['d_ff'] = -(-(8 * values['d_model'] // 3) // multiple) * multiple
   return values
+
+
+def _resolve_rules(values: dict[str, Any]) -> dict[str, Any]:
+  """parallel.rules {logical axis: 'mesh,axes'} -> pairs in LOGICAL_AXES order (the priority
+  flax gives them); every logical axis needs a rule, so none stays replicated by omission."""
+  rules = values['rules']
+  if not isinstance(rules, Mapping):
+    raise ValueError(f'parallel.rules must be a section {{logical axis: mesh axes}}, got '
+                     f'{rules!r}.')
+  _check_keys(rules, list(LOGICAL_AXES), where='parallel.rules.')
+  for name, rule in rules.items():
+    if not isinstance(rule, str):
+      raise ValueError(f'parallel.rules.{name} must be a string of mesh axes such as '
+                       f"'data,fsdp' (or '' to replicate), got {rule!r}.")
+  return dict(values, rules=tuple((name, rules[name]) for name in LOGICAL_AXES))
 
 
 def _to_plain(cd: Any) -> Any:
@@ -518,7 +602,8 @@ def _coerce(section_cls: type, values: Mapping[str, Any], name: str) -> dict[str
 
 
 _TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool,
-          'tuple[str, ...]': (tuple, str), 'tuple[int, ...]': (tuple, int)}
+          'tuple[str, ...]': (tuple, str), 'tuple[int, ...]': (tuple, int),
+          'tuple[tuple[str, str], ...]': (tuple, (tuple, str))}
 
 
 def _coerce_value(value: Any, kind: Any, key: str) -> Any:

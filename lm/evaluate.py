@@ -17,6 +17,10 @@ For each step, DIR/eval/<step>.json holds:
   seconds                                scoring time of the step (all context lengths)
   loss_stderr                            standard error of the loss over windows
   seq_lens                               {"T": {the same keys}} per eval.seq_lens entry (if any)
+
+`--hf=PATH` evaluates a Hugging Face checkpoint directory instead: model, weights and tokenizer
+all come from PATH (lm.hf.run_config), and the result, with step "hf" and checkpoint PATH, goes
+to DIR/eval/hf.json; use one workdir per checkpoint.
 """
 
 from __future__ import annotations
@@ -219,24 +223,61 @@ def evaluate(workdir: str, step: int | str | None = 'latest', *,
   results = []
   for number in steps:
     params, number = ckpt_lib.restore_params(workdir, number, config.model)
-    params = strategy.replicate(params)
-    started = time.perf_counter()
-    per_len = {}
-    for seq_len in seq_lens:
-      batch_size = eval_batch_size(config.eval.batch_size, seq_len, config.data.seq_len,
-                                   strategy.num_devices)
-      per_len[seq_len] = score(params, config.model, data, batch_size, seq_len, strategy)
-    result = dict(step=number, corpus=config.data.corpus,
-                  tokenizer=getattr(data.tokenizer, 'name', ''), **per_len[config.data.seq_len])
-    if len(seq_lens) > 1:
-      result['seq_lens'] = {str(t): per_len[t] for t in sorted(seq_lens)}
-    result['seconds'] = time.perf_counter() - started
+    result = _evaluate_params(params, number, config, data, strategy)
     if write:
       write_result(workdir, result)
     if printer:
       printer(summary_line(result))
     results.append(result)
   return results
+
+
+def evaluate_hf(path: str, *, config: lm_config.Config, workdir: str | None = None,
+                data: Any = None, devices: Sequence[jax.Device] | None = None,
+                printer: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Evaluates a Hugging Face checkpoint directory as it is; the result's step is 'hf'.
+
+  The model, weights and tokenizer all come from `path` (see lm.hf.run_config for the few model
+  keys `config` may still set); `config` supplies data and eval. With a `workdir`, the result
+  goes to DIR/eval/hf.json (with the checkpoint's path); the workdir's own tokenizer and
+  checkpoints are not used.
+  """
+  from lm import hf  # pylint: disable=g-import-not-at-top (safetensors reading)
+
+  path = os.path.abspath(os.path.expanduser(path))
+  config = hf.run_config(config, path)
+  for seq_len in _seq_lens(config):
+    check_seq_len(config.model, seq_len)
+  if data is None:
+    from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy)
+    data = lm_data.prepare(config, tokenizer=lm_data.tokenizers.load_hf_tokenizer(path))
+  strategy = parallel.DataParallel(tuple(devices or jax.local_devices()))
+  result = _evaluate_params(hf.load_params(path, config.model), 'hf', config, data, strategy)
+  result['checkpoint'] = path
+  if workdir:
+    write_result(workdir, result)
+  if printer:
+    printer(summary_line(result))
+  return result
+
+
+def _evaluate_params(params: Any, step: int | str, config: lm_config.Config, data: Any,
+                     strategy: parallel.DataParallel) -> dict[str, Any]:
+  """The result of one checkpoint: every context length of _seq_lens, timed."""
+  params = strategy.replicate(params)
+  started = time.perf_counter()
+  seq_lens = _seq_lens(config)
+  per_len = {}
+  for seq_len in seq_lens:
+    batch_size = eval_batch_size(config.eval.batch_size, seq_len, config.data.seq_len,
+                                 strategy.num_devices)
+    per_len[seq_len] = score(params, config.model, data, batch_size, seq_len, strategy)
+  result = dict(step=step, corpus=config.data.corpus,
+                tokenizer=getattr(data.tokenizer, 'name', ''), **per_len[config.data.seq_len])
+  if len(seq_lens) > 1:
+    result['seq_lens'] = {str(t): per_len[t] for t in sorted(seq_lens)}
+  result['seconds'] = time.perf_counter() - started
+  return result
 
 
 def _seq_lens(config: lm_config.Config) -> list[int]:
@@ -269,12 +310,18 @@ def summary_line(result: Mapping[str, Any]) -> str:
 
 def main(config: lm_config.Config, workdir: str, step: str | None = None,
          hf: str | None = None) -> None:
-  """CLI entry: python run.py --mode=eval --config=... --workdir=DIR [--step=N|best|all]."""
-  if hf:
-    raise SystemExit('--hf is not supported by --mode=eval yet (lm.hf is not available); '
-                     'evaluate a training run with --workdir.')
+  """CLI entry: python run.py --mode=eval --config=... --workdir=DIR [--step=N|best|all].
+
+  --hf=PATH evaluates a Hugging Face checkpoint directory instead and writes DIR/eval/hf.json.
+  """
   std_logging.getLogger('absl').setLevel(std_logging.WARNING)  # orbax logs every restore
   try:
-    evaluate(workdir, step, config=config, printer=print)
-  except (FileNotFoundError, ValueError) as e:
+    if hf and step:
+      raise ValueError(f'--step={step} picks a checkpoint of a training run; --hf evaluates the '
+                       'Hugging Face checkpoint as it is. Drop --step.')
+    if hf:
+      evaluate_hf(hf, config=config, workdir=workdir, printer=print)
+    else:
+      evaluate(workdir, step, config=config, printer=print)
+  except (FileNotFoundError, ImportError, ValueError) as e:
     raise SystemExit(str(e)) from None

@@ -321,23 +321,32 @@ def read_prompts(prompt: Sequence[str] | None) -> list[str]:
 
 def main(config: lm_config.Config, workdir: str, step: str | None = None,
          prompt: Sequence[str] | None = None, hf: str | None = None) -> None:
-  """CLI entry: python run.py --mode=sample --config=... --workdir=DIR [--prompt=...]."""
-  if hf:
-    raise SystemExit('--hf is not supported by --mode=sample yet (lm.hf is not available); '
-                     'sample from a training run with --workdir.')
+  """CLI entry: python run.py --mode=sample --config=... --workdir=DIR [--prompt=...].
+
+  --hf=PATH samples from a Hugging Face checkpoint directory (model, weights and tokenizer).
+  """
   std_logging.getLogger('absl').setLevel(std_logging.WARNING)  # orbax logs every restore
   from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy)
   try:
     if step == 'all':
       raise ValueError('--step=all is for --mode=eval; sample from one step (N, best, or '
                        'leave --step out for the latest).')
-    config = eval_lib.run_config(workdir, config)
+    if hf and step:
+      raise ValueError(f'--step={step} picks a checkpoint of a training run; --hf samples from '
+                       'the Hugging Face checkpoint as it is. Drop --step.')
     prompts = read_prompts(prompt)
-    params, number = ckpt_lib.restore_params(workdir, step or 'latest', config.model)
-    tokenizer = lm_data.load_tokenizer(workdir)
-  except (FileNotFoundError, ValueError) as e:
+    if hf:
+      from lm import hf as hf_lib  # pylint: disable=g-import-not-at-top (safetensors reading)
+      config = hf_lib.run_config(config, hf)
+      params = hf_lib.load_params(hf, config.model)
+      tokenizer, source = lm_data.tokenizers.load_hf_tokenizer(hf), hf
+    else:
+      config = eval_lib.run_config(workdir, config)
+      params, number = ckpt_lib.restore_params(workdir, step or 'latest', config.model)
+      tokenizer, source = lm_data.load_tokenizer(workdir), f'{workdir} step {number}'
+  except (FileNotFoundError, ImportError, ValueError) as e:
     raise SystemExit(str(e)) from None
-  print(f'Sampling from {workdir} step {number}.', file=sys.stderr)
+  print(f'Sampling from {source}.', file=sys.stderr)
   s = config.sample
   options = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                  top_p=s.top_p, seed=config.seed, stop=s.stop)

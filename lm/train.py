@@ -1,15 +1,18 @@
 """`--mode=train`: the train state, a pure compiled train step, and the loop around it.
 
-The step is compiled once (jit on one device, pmap over several) with the state's buffers
-donated, and runs train.steps_per_call optimizer steps per call under lax.scan. Gradients are
-token-weighted over the whole global batch: each device and micro-batch differentiates its
-weighted cross-entropy sum divided by the global weight, so the sum of those gradients over
-micro-batches and devices (lax.psum) is exactly the large-batch gradient. A non-finite loss,
+The step is compiled once (jit on one device, pmap over several, or jit over a sharded mesh:
+see lm.parallel) with the state's buffers donated, and runs train.steps_per_call optimizer
+steps per call under lax.scan. Gradients are token-weighted over the whole global batch: each
+device and micro-batch differentiates its weighted cross-entropy sum divided by the global
+weight, so the sum of those gradients over micro-batches and devices (lax.psum under pmap;
+implicit under the mesh's jit) is exactly the large-batch gradient. A non-finite loss,
 gradient or update keeps the previous parameters and optimizer state (the step counter still
 advances past the bad batch, the optimizer's own count and schedule do not).
 
 The loop resumes from DIR/checkpoints by itself, logs to DIR/metrics.jsonl and TensorBoard,
 evaluates, checkpoints asynchronously, and turns SIGTERM into a checkpoint and a clean exit.
+With several processes (parallel.distributed) each loads only its rows of every batch, all
+write their shards of each checkpoint, and only process 0 writes logs and metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from absl import logging
 from flax import linen as nn
 from flax import struct
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -124,8 +128,11 @@ def _gradients(state: TrainState, batch: Mapping[str, jax.Array], weight_total: 
   if o.grad_accum == 1:
     return grad_fn(state.params, state, batch, weight_total, moe_scale, rng)
 
+  # Micro-batch j takes rows j, j + A, j + 2A, ...: every device's (or mesh batch shard's)
+  # contiguous rows then feed every micro-batch alike, so no rows move between devices.
   micro = jax.tree.map(
-      lambda x: x.reshape(o.grad_accum, x.shape[0] // o.grad_accum, *x.shape[1:]), batch)
+      lambda x: x.reshape(x.shape[0] // o.grad_accum, o.grad_accum, *x.shape[1:]).swapaxes(
+          0, 1), batch)
 
   def accumulate(carry, inputs):
     index, micro_batch = inputs
@@ -209,10 +216,7 @@ def step_options(config: lm_config.Config, axis_name: str | None,
       frozen=frozen)
 
 
-def abstract_params(model_config: lm_config.ModelConfig) -> Any:
-  """Parameters still in their nn.Partitioned boxes, as shapes (nothing allocated)."""
-  model = lm_model.Transformer(model_config)
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+abstract_params = parallel.abstract_params  # boxed parameter shapes (logical axis names)
 
 
 @functools.lru_cache(maxsize=8)
@@ -258,7 +262,10 @@ def create_state(config: lm_config.Config, params: Any | None = None,
 
 
 def parse_init_from(value: str) -> tuple[str, int | str]:
-  """'DIR' -> (DIR, 'latest'); 'DIR:1000' or 'DIR:best' -> (DIR, 1000 | 'best')."""
+  """'DIR' -> (DIR, 'latest'); 'DIR:1000' or 'DIR:best' -> (DIR, 1000 | 'best');
+  'hf:PATH' (a Hugging Face checkpoint directory) -> (PATH, 'hf')."""
+  if value.startswith('hf:'):
+    return value[len('hf:'):], 'hf'
   directory, sep, step = value.rpartition(':')
   if sep and (step.isdigit() or step in ('best', 'latest')):
     return directory, int(step) if step.isdigit() else step
@@ -286,12 +293,27 @@ class _Timer:
     return (time.perf_counter() - self.start - self.excluded) / self.steps
 
 
+class _Silent:
+  """Stands in for the progress bar and the metrics writer on processes other than 0."""
+
+  def __getattr__(self, name: str) -> Callable[..., None]:
+    return lambda *args, **kwargs: None
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks between calls (main thread only)."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
+
+  def agreed(self) -> bool:
+    """Whether any process got SIGTERM; every process must call this at the same step, so
+    that all of them save (a collective write) and stop together."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -308,10 +330,12 @@ class _Preemption:
 
 
 def evaluate(eval_fn: Callable, state: TrainState, data: Any, config: lm_config.Config,
-             strategy: parallel.DataParallel, max_batches: int = 0) -> dict[str, float]:
+             strategy: parallel.Strategy, max_batches: int = 0) -> dict[str, float]:
   """Validation loss over the split (or its first max_batches batches), token-weighted."""
   loss_sum, weight_sum = 0.0, 0.0
-  for i, batch in enumerate(data.eval_batches(config.eval.batch_size)):
+  index, count = strategy.host_share(config.eval.batch_size)
+  batches = data.eval_batches(config.eval.batch_size, process_index=index, process_count=count)
+  for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
     sums = strategy.first(eval_fn(state, strategy.shard(batch)))
@@ -362,7 +386,7 @@ def _due(config: lm_config.Config, step: int) -> _Due:
 class _Monitor:
   """Reads calls' metrics on the host, times steps, counts skips, and stops a NaN run."""
 
-  def __init__(self, config: lm_config.Config, strategy: parallel.DataParallel, bar: Any,
+  def __init__(self, config: lm_config.Config, strategy: parallel.Strategy, bar: Any,
                flops_per_token: float, peak_flops: float, checkpoint_dir: str):
     self._config, self._strategy, self._bar = config, strategy, bar
     self._tokens_per_step = config.train.batch_size * config.data.seq_len
@@ -424,8 +448,14 @@ def train(config: lm_config.Config, workdir: str, *,
   """
   from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy, train-only)
 
+  parallel.initialize(config.parallel)  # multi-host: before anything touches a device
+  chief = jax.process_index() == 0  # the one process that writes logs and metrics
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  hf_path, hf_step = parse_init_from(config.train.init_from)
+  if hf_step == 'hf':  # the checkpoint's model and tokenizer, not the config's
+    from lm import hf  # pylint: disable=g-import-not-at-top (fine-tuning only)
+    config = hf.finetune_config(config, hf_path, workdir)
   if data is None:
     data = lm_data.prepare(config, workdir)
   config = dataclasses.replace(
@@ -433,19 +463,21 @@ def train(config: lm_config.Config, workdir: str, *,
   model_info = info_lib.model_info(config)
   config = lm_config.with_budget(config, model_info['flops_per_token'])
   strategy = parallel.make(config, devices)
-  ckpt_lib.save_config(workdir, config)
+  if chief:
+    ckpt_lib.save_config(workdir, config)
   t, total = config.train, config.train.steps
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
-  state, resumed = _initial_state(config, checkpointer)
-  start = int(state.step)
-  state = strategy.replicate(state.replace(
-      options=dataclasses.replace(state.options, axis_name=strategy.axis_name)))
-  train_fn = strategy.compile(train_steps, donate_argnums=(0,))
+  state, resumed = _initial_state(config, checkpointer, strategy)
+  start = int(strategy.first(state.step))
+  train_fn = strategy.compile(train_steps, donate_argnums=(0,), state=state)
   eval_fn = strategy.compile(eval_step)
 
-  writer = metrics_lib.Writer(workdir, resume_step=start if resumed else None)
-  bar = metrics_lib.Progress(start, total, enabled=progress)
+  if chief:
+    writer = metrics_lib.Writer(workdir, resume_step=start if resumed else None)
+    bar = metrics_lib.Progress(start, total, enabled=progress)
+  else:
+    writer = bar = _Silent()
   monitor = _Monitor(config, strategy, bar, model_info['flops_per_token'],
                      metrics_lib.peak_flops(strategy.devices, t.peak_flops),
                      ckpt_lib.checkpoint_dir(workdir))
@@ -456,7 +488,7 @@ def train(config: lm_config.Config, workdir: str, *,
     bar.write(f'Already trained to step {start} (train.steps={total}); nothing to do. Raise '
               '--config.train.steps to train further.')
 
-  batches = data.train_iterator(start, t.batch_size, jax.process_index(), jax.process_count())
+  batches = data.train_iterator(start, t.batch_size, *strategy.host_share(t.batch_size))
   # A call's metrics are read after the next call is dispatched, so the host never stalls
   # the device, except where a log, evaluation or checkpoint needs them at once.
   pending: tuple[int, Any] | None = None
@@ -494,9 +526,10 @@ def train(config: lm_config.Config, workdir: str, *,
           scalars.update(monitor.scalars(throughput))
         if scalars:
           writer.write(step, scalars)
-        if due.save or preemption.requested:
+        preempted = preemption.agreed()
+        if due.save or preempted:
           _save(checkpointer, strategy, state, step, config, eval_loss if due.eval else None)
-        if preemption.requested:
+        if preempted:
           checkpointer.wait()
           bar.write(f'SIGTERM: saved a checkpoint at step {step}; exiting. Run the same '
                     'command again to resume.')
@@ -518,32 +551,47 @@ def train(config: lm_config.Config, workdir: str, *,
   return dict(monitor.last, **({'eval/loss': eval_loss} if eval_loss is not None else {}))
 
 
-def _save(checkpointer: ckpt_lib.Checkpointer, strategy: parallel.DataParallel,
+def _save(checkpointer: ckpt_lib.Checkpointer, strategy: parallel.Strategy,
           state: TrainState, step: int, config: lm_config.Config,
           eval_loss: float | None) -> None:
-  host = strategy.unreplicate((state.params, state.opt_state, state.rng))
-  params, opt_state, rng = host
+  """Every process calls this: orbax writes each process's shards (pmap: one host copy)."""
+  params, opt_state = strategy.for_checkpoint((state.params, state.opt_state))
+  rng = strategy.first(state.rng)
   meta = {'rng': [int(x) for x in np.asarray(rng).reshape(-1)], 'data_step': step,
           'config': config.to_dict()}
   checkpointer.save(step, params, opt_state, meta, eval_loss)
 
 
-def _initial_state(config: lm_config.Config,
-                   checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, bool]:
-  """Resumes from this run's latest checkpoint, else starts (from train.init_from if set)."""
+def _initial_state(config: lm_config.Config, checkpointer: ckpt_lib.Checkpointer,
+                   strategy: parallel.Strategy | None = None) -> tuple[TrainState, bool]:
+  """Resumes from this run's latest checkpoint, else starts (from train.init_from if set).
+
+  The state comes back placed by `strategy` (default: the first local device): replicated
+  under pmap; under a mesh created sharded, and restored straight into its shardings, whatever
+  mesh or device count saved the checkpoint.
+  """
+  if strategy is None:
+    strategy = parallel.DataParallel(tuple(jax.local_devices()[:1]))
+  init = functools.partial(create_state, config, axis_name=strategy.axis_name)
   latest = checkpointer.latest_step()
   if latest is None:
     params = None
     if config.train.init_from:
       directory, step = parse_init_from(config.train.init_from)
-      params, found = ckpt_lib.restore_params(directory, step, config.model)
-      logging.info('Initialised from %s step %d.', directory, found)
-    return create_state(config, params), False
-  abstract = jax.eval_shape(functools.partial(create_state, config))
-  params, opt_state, meta = checkpointer.restore(latest, abstract.params, abstract.opt_state)
+      if step == 'hf':
+        from lm import hf  # pylint: disable=g-import-not-at-top (fine-tuning only)
+        params = hf.load_params(directory, config.model)
+        logging.info('Initialised from the Hugging Face checkpoint %s.', directory)
+      else:
+        params, found = ckpt_lib.restore_params(directory, step, config.model)
+        logging.info('Initialised from %s step %d.', directory, found)
+    return strategy.init(init, params), False
+  abstract = jax.eval_shape(init)
+  target = strategy.target(abstract)
+  params, opt_state, meta = checkpointer.restore(latest, target.params, target.opt_state)
   rng = np.asarray(meta['rng'], np.uint32).reshape(abstract.rng.shape)
-  return abstract.replace(step=np.asarray(latest, np.int32), params=params,
-                          opt_state=opt_state, rng=rng), True
+  return strategy.put(abstract.replace(step=np.asarray(latest, np.int32), params=params,
+                                       opt_state=opt_state, rng=rng)), True
 
 
 def main(config: lm_config.Config, workdir: str) -> None:

@@ -64,16 +64,23 @@ class FakeData:
 
   def train_iterator(self, start_step: int, batch_size: int, process_index: int = 0,
                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    del process_index, process_count
+    """This process's rows of every batch from start_step on (lm.data's contract)."""
     step = start_step
     while True:
-      yield self.train_batch(step, batch_size)
+      yield _rows(self.train_batch(step, batch_size), process_index, process_count)
       step += 1
 
-  def eval_batches(self, batch_size: int, seq_len: int | None = None):
+  def eval_batches(self, batch_size: int, seq_len: int | None = None, process_index: int = 0,
+                   process_count: int = 1):
     del seq_len
     for i in range(self.val_batches):
       batch = self.train_batch(10**6 + i, batch_size)
       if i == self.val_batches - 1:
         batch['weights'][batch_size // 2:] = 0.0
-      yield batch
+      yield _rows(batch, process_index, process_count)
+
+
+def _rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
+  """The index-th of count equal row blocks, as lm.data hands each host its share."""
+  size = len(batch['inputs']) // count
+  return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}

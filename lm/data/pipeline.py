@@ -127,22 +127,25 @@ class Data:
 # prepare.
 
 
-def prepare(config: lm_config.Config, workdir: str | None = None) -> Data:
+def prepare(config: lm_config.Config, workdir: str | None = None,
+            tokenizer: tokenizers.Tokenizer | None = None) -> Data:
   """Loads the corpus, builds or loads the tokenizer, tokenizes (cached) and checks the ids.
 
   A tokenizer saved in `workdir/tokenizer/` is always the one used, so a resumed or evaluated
   run sees exactly the ids it was trained on; otherwise the tokenizer is built per config and
-  saved there.
+  saved there. A `tokenizer` passed in (a Hugging Face checkpoint's) is used instead of both,
+  and saved nowhere.
   """
   d = config.data
   started = time.perf_counter()
   root = cache.root(d.cache_dir)
   corpus = corpus_lib.load(d.corpus, d.val_fraction)
-  saved_dir = os.path.join(workdir, TOKENIZER_DIR) if workdir else None
+  given = tokenizer
+  saved_dir = os.path.join(workdir, TOKENIZER_DIR) if workdir and given is None else None
   saved = saved_dir is not None and os.path.isdir(saved_dir)
   stats: dict[str, Any] = {'corpus': d.corpus}
   if isinstance(corpus, corpus_lib.TokenCorpus):
-    tokenizer = _bin_tokenizer(corpus, saved_dir if saved else None)
+    tokenizer = _bin_tokenizer(corpus, saved_dir if saved else None, given)
     lm_config.with_vocab_size(config.model, tokenizer.vocab_size)
     fix = (f'The ids do not belong to the tokenizer named in {corpus.meta_path}: fix its '
            '"tokenizer"/"vocab_size", or re-tokenize. Ids are never clamped.')
@@ -157,7 +160,9 @@ def prepare(config: lm_config.Config, workdir: str | None = None) -> Data:
     train_hash = corpus_lib.content_hash(corpus.train)
     val_hash = corpus_lib.content_hash(corpus.val)
     t0 = time.perf_counter()
-    if saved:
+    if given is not None:
+      stats['tokenizer_source'] = 'given'
+    elif saved:
       tokenizer, stats['tokenizer_source'] = tokenizers.load_tokenizer(saved_dir), 'workdir'
       if tokenizer.kind != d.tokenizer:
         logging.warning('Using the %s tokenizer saved in %s, not data.tokenizer=%s: a run keeps '
@@ -251,10 +256,13 @@ def _trained_sentencepiece(d: lm_config.DataConfig, corpus: corpus_lib.TextCorpu
   return tokenizer, 'trained'
 
 
-def _bin_tokenizer(corpus: corpus_lib.TokenCorpus,
-                   saved_dir: str | None) -> tokenizers.Tokenizer:
-  """The tokenizer meta.json names (or the workdir's), checked against meta.json's vocab size."""
-  if saved_dir:
+def _bin_tokenizer(corpus: corpus_lib.TokenCorpus, saved_dir: str | None,
+                   given: tokenizers.Tokenizer | None = None) -> tokenizers.Tokenizer:
+  """The tokenizer meta.json names (or the given or workdir's one), checked against meta.json's
+  vocab size."""
+  if given is not None:
+    tokenizer, source = given, f'the given tokenizer {given.name}'
+  elif saved_dir:
     tokenizer, source = tokenizers.load_tokenizer(saved_dir), f'the tokenizer in {saved_dir}'
   elif corpus.tokenizer == 'byte':
     tokenizer, source = tokenizers.ByteTokenizer(), 'the byte tokenizer'

@@ -1,8 +1,10 @@
-"""Tokenizers: sentencepiece (trained here or loaded), bytes and characters.
+"""Tokenizers: sentencepiece (trained here or loaded), bytes, characters, Hugging Face's.
 
-All three share one small interface and save themselves into a folder (tokenizer.json plus
-the model file), so eval, sample and inspect decode with exactly the tokenizer a model was
-trained with. Each has an EOS id that no text encodes to: it ends every document.
+All share one small interface and save themselves into a folder (tokenizer.json plus the model
+file), so eval, sample and inspect decode with exactly the tokenizer a model was trained with.
+Each has an EOS id that no text encodes to: it ends every document. A Hugging Face checkpoint
+directory brings its own tokenizer: tokenizer.json (the `tokenizers` package, the optional
+`lm[hf]` extra) or tokenizer.model (sentencepiece).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from lm.data import cache
 
 TOKENIZER_JSON = 'tokenizer.json'
 SP_MODEL = 'sentencepiece.model'
+HF_JSON = 'hf_tokenizer.json'  # a Hugging Face tokenizer.json, as saved into lm's folder
+# What a Hugging Face checkpoint directory holds: a fast tokenizer's JSON (the same file name
+# as lm's own spec, told apart by its content), a sentencepiece model, and special tokens.
+HF_TOKENIZER_JSON = 'tokenizer.json'
+HF_SP_MODEL = 'tokenizer.model'
+_HF_SPECIAL_SOURCES = ('tokenizer_config.json', 'config.json', 'generation_config.json')
 _FORMAT = 1
 _SP_SENTENCE_CHARS = 2000  # sentencepiece trains on runs of whole lines up to this long
 _SP_THREADS = 2  # fixed, not per machine, so a trained tokenizer is the same everywhere
@@ -321,6 +329,75 @@ class SentencePieceTokenizer(Tokenizer):
     return {SP_MODEL: self._proto}
 
 
+class HFTokenizer(Tokenizer):
+  """A Hugging Face fast tokenizer (tokenizer.json) through the optional `tokenizers` package.
+
+  encode() adds no special tokens (BOS, templates): lm marks document ends with EOS itself.
+  """
+
+  kind = 'hf'
+
+  def __init__(self, tokenizer_json: bytes, source: str, eos_id: int, bos_id: int | None = None,
+               pad_id: int | None = None):
+    try:
+      import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top (optional)
+    except ImportError:
+      raise ImportError(
+          f'{source} needs the `tokenizers` package: pip install "lm[hf]" (or the tokenizers '
+          'version pinned in requirements.lock).') from None
+    try:
+      self._tokenizer = hf_tokenizers.Tokenizer.from_str(tokenizer_json.decode('utf-8'))
+    except Exception as e:  # pylint: disable=broad-except (tokenizers raises plain Exception)
+      raise ValueError(f'{source} is not a valid Hugging Face tokenizer.json ({e}). Download it '
+                       'again.') from None
+    self._json = tokenizer_json
+    for name, i in (('EOS', eos_id), ('BOS', bos_id), ('padding', pad_id)):
+      if i is not None and not 0 <= i < self.vocab_size:
+        raise ValueError(f'{source}: the {name} id {i} is outside its {self.vocab_size} ids. '
+                         'Fix the special token ids in the checkpoint\'s config files.')
+    self._eos, self._bos, self._pad = eos_id, bos_id, pad_id
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos
+
+  @property
+  def pad_id(self) -> int:
+    return self.eos_id if self._pad is None else self._pad
+
+  @property
+  def name(self) -> str:
+    return f'hf-{self.vocab_size}'
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def _decode_known(self, ids: list[int]) -> str:
+    return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+  def encode_bytes(self, data: bytes) -> list[int]:
+    return self.encode(data.decode('utf-8'))
+
+  def _decode_known_bytes(self, ids: list[int]) -> bytes:
+    return self._decode_known(ids).encode('utf-8', 'surrogatepass')
+
+  def encode_batch(self, chunks: Sequence[bytes]) -> list[np.ndarray]:
+    encodings = self._tokenizer.encode_batch([c.decode('utf-8') for c in chunks],
+                                             add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+  def _files(self) -> dict[str, bytes]:
+    return {HF_JSON: self._json}
+
+
 # ---------------------------------------------------------------------------------------------
 # Training sentencepiece.
 
@@ -388,7 +465,8 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """Loads a saved tokenizer from a workdir, its tokenizer/ folder, or a sentencepiece .model."""
+  """Loads a saved tokenizer from a workdir, its tokenizer/ folder, a sentencepiece .model, or
+  a Hugging Face checkpoint directory (see load_hf_tokenizer)."""
   path = os.path.expanduser(path)
   if os.path.isfile(path) and not path.endswith('.json'):
     with open(path, 'rb') as f:
@@ -396,12 +474,14 @@ def load_tokenizer(path: str) -> Tokenizer:
   folder = os.path.dirname(path) if path.endswith('.json') else path
   if os.path.isfile(os.path.join(folder, 'tokenizer', TOKENIZER_JSON)):
     folder = os.path.join(folder, 'tokenizer')
+  if has_hf_tokenizer(folder):
+    return load_hf_tokenizer(folder)
   spec_path = os.path.join(folder, TOKENIZER_JSON)
   if not os.path.isfile(spec_path):
     raise FileNotFoundError(
         f'No tokenizer at {path}: expected {os.path.join(path, "tokenizer", TOKENIZER_JSON)} '
-        '(written by training into its workdir) or a sentencepiece .model. Pass the workdir of '
-        'a trained run, or train first.')
+        '(written by training into its workdir), a sentencepiece .model or a Hugging Face '
+        'checkpoint directory. Pass the workdir of a trained run, or train first.')
   try:
     with open(spec_path) as f:
       spec = json.load(f)
@@ -432,5 +512,102 @@ def _from_spec(kind: str, spec: dict[str, Any], folder: str, spec_path: str) -> 
           'run that wrote it.')
     with open(model_path, 'rb') as f:
       return SentencePieceTokenizer(f.read(), model_path, name=spec.get('name', ''))
-  raise ValueError(f'{spec_path} names an unknown tokenizer kind {kind!r}; expected byte, char '
-                   'or sentencepiece.')
+  if kind == 'hf':
+    json_path = os.path.join(folder, HF_JSON)
+    if not os.path.isfile(json_path):
+      raise FileNotFoundError(
+          f'{json_path} is missing beside {spec_path}. Restore the tokenizer folder from the '
+          'run that wrote it.')
+    with open(json_path, 'rb') as f:
+      return HFTokenizer(f.read(), json_path, eos_id=spec['eos_id'], bos_id=spec['bos_id'],
+                         pad_id=spec['pad_id'])
+  raise ValueError(f'{spec_path} names an unknown tokenizer kind {kind!r}; expected byte, char, '
+                   'sentencepiece or hf.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face checkpoints.
+
+
+def has_hf_tokenizer(directory: str) -> bool:
+  """Whether `directory` holds a Hugging Face tokenizer (not lm's own saved folder)."""
+  if os.path.isfile(os.path.join(directory, HF_SP_MODEL)):
+    return True
+  json_path = os.path.join(directory, HF_TOKENIZER_JSON)
+  if not os.path.isfile(json_path):
+    return False
+  try:
+    with open(json_path, 'rb') as f:
+      spec = json.load(f)
+  except (OSError, ValueError):
+    return False  # reported by whichever loader reads it
+  return isinstance(spec, dict) and 'kind' not in spec and 'model' in spec
+
+
+def load_hf_tokenizer(directory: str) -> Tokenizer:
+  """The tokenizer of a Hugging Face checkpoint directory.
+
+  tokenizer.json (the fast tokenizer transformers uses by default) when present, else
+  tokenizer.model (sentencepiece, as Llama 1/2 and Mistral ship it). EOS, BOS and padding come
+  from tokenizer_config.json's tokens, else from config.json's (or generation_config.json's) ids.
+  """
+  json_path = os.path.join(directory, HF_TOKENIZER_JSON)
+  sp_path = os.path.join(directory, HF_SP_MODEL)
+  if os.path.isfile(json_path):
+    with open(json_path, 'rb') as f:
+      content = f.read()
+    try:
+      spec = json.loads(content)
+    except ValueError as e:
+      raise ValueError(f'{json_path} is not valid JSON ({e}). Download it again.') from None
+    ids = {name: _hf_special_id(directory, spec, name) for name in ('eos', 'bos', 'pad')}
+    if ids['eos'] is None:
+      raise ValueError(
+          f'{directory} names no EOS token (no eos_token in tokenizer_config.json, no '
+          'eos_token_id in config.json or generation_config.json), which lm needs to mark '
+          'document ends. Add "eos_token_id": ID to config.json.')
+    return HFTokenizer(content, json_path, eos_id=ids['eos'], bos_id=ids['bos'],
+                       pad_id=ids['pad'])
+  if os.path.isfile(sp_path):
+    with open(sp_path, 'rb') as f:
+      return SentencePieceTokenizer(f.read(), sp_path)
+  raise FileNotFoundError(
+      f'{directory} holds no tokenizer ({HF_TOKENIZER_JSON} or {HF_SP_MODEL}). Copy the '
+      'tokenizer files of the model into it.')
+
+
+def _hf_special_id(directory: str, spec: dict[str, Any], name: str) -> int | None:
+  """The id of the `name` ('eos', 'bos', 'pad') token, from the first file that names it."""
+  for filename in _HF_SPECIAL_SOURCES:
+    path = os.path.join(directory, filename)
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        values = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'{path} is not valid JSON ({e}). Download it again.') from None
+    token = values.get(f'{name}_token')
+    if isinstance(token, dict):  # an AddedToken: {"content": "</s>", ...}
+      token = token.get('content')
+    if isinstance(token, str) and (i := _hf_token_id(spec, token)) is not None:
+      return i
+    i = values.get(f'{name}_token_id')
+    if isinstance(i, list):  # several stop tokens: the first ends documents
+      i = i[0] if i else None
+    if isinstance(i, int):
+      return i
+  return None
+
+
+def _hf_token_id(spec: dict[str, Any], token: str) -> int | None:
+  """A token's id in a tokenizer.json: its added tokens, then its model's vocabulary."""
+  for added in spec.get('added_tokens') or []:
+    if added.get('content') == token:
+      return added.get('id')
+  vocab = (spec.get('model') or {}).get('vocab')
+  if isinstance(vocab, dict):  # BPE, WordPiece
+    return vocab.get(token)
+  if isinstance(vocab, list):  # Unigram: [piece, score] pairs
+    return next((i for i, (piece, _) in enumerate(vocab) if piece == token), None)
+  return None
