@@ -20,6 +20,7 @@ Other modes restore through `restore_params(workdir, step)`, `available_steps(wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -81,12 +82,31 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, read-only, over quota)."""
+
+
 class Checkpointer:
   """The training run's checkpoints: save (async), resume, retention."""
 
   def __init__(self, workdir: str, config: lm_config.CheckpointConfig):
     self._manager = _manager(checkpoint_dir(workdir), keep=config.keep, keep_best=config.keep_best,
                              async_save=config.async_save, create=True)
+    self._saving: int | None = None  # the step of the save in flight, for error messages
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """orbax's bare OSError (e.g. [Errno 28]) -> one naming the step, the folder and the fix."""
+    try:
+      yield
+    except OSError as e:
+      latest = self._manager.latest_step()
+      resume = f'it resumes from step {latest}' if latest is not None else 'it starts over'
+      raise CheckpointWriteError(
+          f'Could not write checkpoint step {self._saving} into {self._manager.directory}: {e}. '
+          'The disk is probably full or read-only. Free space there (or point --workdir at '
+          f'another disk) and run the same command again: {resume}; the half-written step is '
+          'never restored.') from e
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -103,15 +123,19 @@ class Checkpointer:
     """
     if step in self._manager.all_steps():
       return False
+    self.wait()  # orbax would wait too; this way a failed earlier save is named as itself
+    self._saving = step
     metrics = {_METRIC: float(eval_loss)} if eval_loss is not None and math.isfinite(
         eval_loss) else None
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(dict(meta, step=step, eval_loss=eval_loss))),
-        metrics=metrics, force=True)
+    with self._write_errors():
+      _check_writable(str(self._manager.directory))
+      return self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              params=ocp.args.StandardSave(params),
+              opt_state=ocp.args.StandardSave(opt_state),
+              meta=ocp.args.JsonSave(dict(meta, step=step, eval_loss=eval_loss))),
+          metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_params: Any,
               abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -120,20 +144,30 @@ class Checkpointer:
     Targets with a `sharding` (jax.ShapeDtypeStruct) restore straight into it, on any mesh;
     without one, arrays come back unsharded.
     """
-    check_fit(_saved_shapes(self._manager, step), abstract_params, f'step {step}')
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params),
-        opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        meta=ocp.args.JsonRestore()))
+    with _reading(self._manager, step):
+      saved = _saved_shapes(self._manager, step)
+    check_fit(saved, abstract_params, f'step {step}')
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params),
+          opt_state=ocp.args.StandardRestore(abstract_opt_state),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except (orbax wraps tensorstore's in Exception)
+      _check_optimizer_fit(self._manager, step, abstract_opt_state)
+      raise _damaged(self._manager, step, e) from e
     return restored['params'], restored['opt_state'], dict(restored['meta'])
 
   def wait(self) -> None:
     """Blocks until every pending save is on disk (and old steps are cleaned up)."""
-    self._manager.wait_until_finished()
+    with self._write_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      with contextlib.suppress(OSError):  # orbax re-raises a failed save, which wait() named
+        self._manager.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,12 +247,16 @@ def restore_params(workdir: str, step: int | str = 'latest',
   if model_config is not None:
     from lm import info  # pylint: disable=g-import-not-at-top (info imports the model)
     target = info.param_shapes(model_config)
-    check_fit(_saved_shapes(manager, number), target, f'{workdir} step {number}')
+    with _reading(manager, number):
+      saved = _saved_shapes(manager, number)
+    check_fit(saved, target, f'{workdir} step {number}')
   else:
-    metadata = manager.item_metadata(number)['params']
+    with _reading(manager, number):
+      metadata = manager.item_metadata(number)['params']
     target = dict(getattr(metadata, 'tree', metadata))
-  restored = manager.restore(number, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(on_one_device(target))))
+  with _reading(manager, number):
+    restored = manager.restore(number, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(on_one_device(target))))
   params = jax.tree.map(np.asarray, restored['params'])
   if model_config is not None:
     params = jax.tree.map(lambda x, t: x.astype(t.dtype), params, target)
@@ -280,6 +318,59 @@ def check_fit(saved: Mapping[str, tuple[int, ...]], target: Any, source: str) ->
         f'Checkpoint {source} does not fit the model: parameter {extra[0]} '
         f'{saved[extra[0]]} is in the checkpoint but not in the model. Use the model config '
         'the checkpoint was trained with (its config.json).')
+
+
+def _check_writable(directory: str) -> None:
+  """Writes and removes a small file. A full or read-only disk fails here at once; in orbax's
+  asynchronous save the step folder's creation would fail only after its coordination timeout."""
+  path = os.path.join(directory, f'.write_check.{jax.process_index()}')
+  try:
+    with open(path, 'wb') as f:
+      f.write(bytes(4096))
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+def _check_optimizer_fit(manager: ocp.CheckpointManager, step: int,
+                         abstract_opt_state: Any) -> None:
+  """After a failed restore: a ValueError if the saved optimizer state is another optimizer's."""
+  with _reading(manager, step):
+    metadata = manager.item_metadata(step)['opt_state']
+  shapes = lambda tree: {'/'.join(map(str, path)): tuple(leaf.shape)
+                         for path, leaf in ocp.tree.to_flat_dict(tree).items()}
+  saved, expected = shapes(getattr(metadata, 'tree', metadata)), shapes(abstract_opt_state)
+  differing = sorted(set(saved) ^ set(expected)) or sorted(
+      path for path in expected if saved[path] != expected[path])
+  if differing:
+    path = differing[0]
+    raise ValueError(
+        f'Checkpoint step {step} in {manager.directory} does not fit the optimizer: its state '
+        f'{path} is {saved.get(path, "absent")} in the checkpoint but '
+        f'{expected.get(path, "absent")} for this config. Resume with the optimizer settings '
+        "the run was trained with (optim.* and train.trainable in its config.json), or start "
+        'a new run from these weights with '
+        f'--config.train.init_from={os.path.dirname(str(manager.directory))}:{step}.')
+
+
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int):
+  """Turns orbax's and tensorstore's errors on a damaged step into `_damaged`'s."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except (orbax wraps tensorstore's in Exception)
+    raise _damaged(manager, step, e) from e
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> ValueError:
+  """The error for a step that cannot be read: which folder, and which others to use."""
+  others = [s for s in sorted(manager.all_steps()) if s != step]
+  fallback = (f'Delete that folder to use the previous checkpoint (saved steps besides: '
+              f'{_list(others)}), or pass --step with one of them.' if others else
+              'No other checkpoint is saved: delete the folder and train again.')
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return ValueError(f'Checkpoint {os.path.join(str(manager.directory), str(step))} cannot be '
+                    f'read: it is damaged or truncated ({first_line}). {fallback}')
 
 
 def _list(items: list[Any], limit: int = 20) -> str:

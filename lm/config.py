@@ -244,8 +244,8 @@ class Config:
       if not isinstance(values, dict):
         raise ValueError(f'config.{name} must be a section (a ConfigDict), got {values!r}.')
       _check_keys(values, [f.name for f in dataclasses.fields(section_cls)], where=f'{name}.')
-      if name == 'model':
-        values = _resolve_model_sizes(values)
+      if name == 'model':  # types first: a hand-edited d_model='64' must not reach arithmetic
+        values = _resolve_model_sizes(_coerce(section_cls, values, name))
       if name == 'parallel':
         values = _resolve_rules(values)
       sections[name] = section_cls(**_coerce(section_cls, values, name))

@@ -463,12 +463,12 @@ def train(config: lm_config.Config, workdir: str, *,
   model_info = info_lib.model_info(config)
   config = lm_config.with_budget(config, model_info['flops_per_token'])
   strategy = parallel.make(config, devices)
-  if chief:
-    ckpt_lib.save_config(workdir, config)
   t, total = config.train, config.train.steps
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
   state, resumed = _initial_state(config, checkpointer, strategy)
+  if chief:  # after the resume fits: a mismatched config must not replace the run's config.json
+    ckpt_lib.save_config(workdir, config)
   start = int(strategy.first(state.step))
   train_fn = strategy.compile(train_steps, donate_argnums=(0,), state=state)
   eval_fn = strategy.compile(eval_step)
@@ -600,7 +600,7 @@ def main(config: lm_config.Config, workdir: str) -> None:
   logging.set_verbosity(logging.WARNING)
   try:
     result = train(config, workdir)
-  except NonFiniteLossError as e:
+  except (NonFiniteLossError, ckpt_lib.CheckpointWriteError) as e:
     raise SystemExit(str(e)) from None
   if 'eval/loss' in result:
     print(f'Final validation loss: {result["eval/loss"]:.4f}')

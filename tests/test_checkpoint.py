@@ -1,41 +1,22 @@
 """Checkpoints: round trip, retention, the restore API, init_from, and resuming through run.py
 after SIGKILL (bitwise) and SIGTERM (a clean save)."""
 
-import os
-import random
 import signal
-import subprocess
-import sys
-import time
 
 import jax
-import numpy as np
 import pytest
 
 from lm import checkpoint
 from lm import metrics
 from lm import train
+from tests import cli_runs
 from tests import train_fakes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def saved_state(workdir, steps, losses=None, **overrides):
-  """Saves a fresh state of tiny_config(**overrides) at each step (with its eval loss)."""
-  config = train_fakes.tiny_config(**overrides)
-  state = jax.device_get(train.create_state(config))
-  checkpointer = checkpoint.Checkpointer(str(workdir), config.checkpoint)
-  for i, step in enumerate(steps):
-    checkpointer.save(step, state.params, state.opt_state, {'rng': [1, 2], 'data_step': step},
-                      eval_loss=None if losses is None else losses[i])
-  checkpointer.close()
-  return config, state
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+saved_state = train_fakes.saved_state
+assert_trees_equal = train_fakes.assert_trees_equal
+launch = cli_runs.launch
+wait_for_checkpoint = cli_runs.wait_for_checkpoint
+finish = cli_runs.finish
 
 
 def test_round_trip_restores_params_optimizer_state_and_meta(tmp_path):
@@ -102,49 +83,12 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
 # End to end, through run.py.
 
 
-def write_corpus(path):
-  rng = random.Random(0)
-  words = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'and', 'dog', 'ran', 'to', 'its', 'bed']
-  lines = [' '.join(rng.choice(words) for _ in range(12)) + '.' for _ in range(3000)]
-  path.write_text('\n'.join(lines))
-
-
 @pytest.fixture(scope='module')
 def shared(tmp_path_factory):
   """Corpus, token cache and XLA compilation cache shared by the run.py tests."""
   path = tmp_path_factory.mktemp('e2e')
-  write_corpus(path / 'corpus.txt')
+  cli_runs.write_corpus(path / 'corpus.txt')
   return path
-
-
-def launch(shared, workdir, steps):
-  """run.py on a tiny Llama and a byte-level corpus, in the background."""
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(shared / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  flags = {
-      'data.corpus': shared / 'corpus.txt', 'data.tokenizer': 'byte', 'data.seq_len': 32,
-      'data.cache_dir': shared / 'cache', 'train.steps': steps, 'train.batch_size': 16,
-      'train.log_every': 10, 'checkpoint.every': 30, 'eval.every': 30,
-      'eval.max_batches': 2, 'eval.batch_size': 16, 'optim.warmup_steps': 10,
-  }
-  command = [sys.executable, 'run.py', '--config=configs/llama.py:size=tiny',
-             f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in flags.items()]
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_checkpoint(process, workdir, step, timeout=120):
-  deadline = time.time() + timeout
-  while not (workdir / 'checkpoints' / str(step)).is_dir():
-    assert process.poll() is None, process.communicate()[0][-3000:]
-    assert time.time() < deadline, 'no checkpoint in time'
-    time.sleep(0.02)
-
-
-def finish(process, timeout=240):
-  output, _ = process.communicate(timeout=timeout)
-  assert process.returncode == 0, output[-3000:]
-  return output
 
 
 def test_resume_after_sigkill_logs_bitwise_the_same_losses(shared, tmp_path):

@@ -1,4 +1,5 @@
-"""Shared by the train, parallel and checkpoint tests: tiny configs and an in-memory Data.
+"""Shared by the train, parallel, checkpoint and fault tests: tiny configs, an in-memory Data,
+and saved states.
 
 FakeData honours lm.data.Data's contract (train_batch a pure function of (seed, step),
 train_iterator from any step, eval_batches with a zero-weight padded tail) without a corpus
@@ -8,12 +9,15 @@ or tokenizer, so step-level tests compile only the model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
+import jax
 import numpy as np
 
 from configs import base
+from lm import checkpoint
 from lm import config as lm_config
+from lm import train
 
 SEQ_LEN = 16
 VOCAB = 64
@@ -47,10 +51,12 @@ class Tokenizer:
 class FakeData:
   """Batches of a learnable synthetic language: every odd token is its predecessor + 1."""
 
-  def __init__(self, seed: int = 0, val_batches: int = 3, poison_from: int | None = None):
+  def __init__(self, seed: int = 0, val_batches: int = 3, poison_from: int | None = None,
+               poison_steps: Collection[int] = ()):
     self.tokenizer = Tokenizer()
     self.bytes_per_token = 1.0
     self.seed, self.val_batches, self.poison_from = seed, val_batches, poison_from
+    self.poison_steps = frozenset(poison_steps)
 
   def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, step])
@@ -60,6 +66,8 @@ class FakeData:
     weights[:, :2] = 0.5  # uneven token weights: token-weighted means must stay exact
     if self.poison_from is not None and step >= self.poison_from:
       weights[0, 0] = np.inf  # an Inf loss from this step on
+    if step in self.poison_steps:
+      weights[0, 0] = np.nan  # a NaN loss at just these steps
     return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': weights}
 
   def train_iterator(self, start_step: int, batch_size: int, process_index: int = 0,
@@ -84,3 +92,22 @@ def _rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.
   """The index-th of count equal row blocks, as lm.data hands each host its share."""
   size = len(batch['inputs']) // count
   return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
+
+
+def saved_state(workdir: Any, steps: Collection[int], losses: list[float | None] | None = None,
+                **overrides: Any) -> tuple[lm_config.Config, train.TrainState]:
+  """Saves a fresh state of tiny_config(**overrides) at each step (with its eval loss)."""
+  config = tiny_config(**overrides)
+  state = jax.device_get(train.create_state(config))
+  checkpointer = checkpoint.Checkpointer(str(workdir), config.checkpoint)
+  for i, step in enumerate(steps):
+    checkpointer.save(step, state.params, state.opt_state, {'rng': [1, 2], 'data_step': step},
+                      eval_loss=None if losses is None else losses[i])
+  checkpointer.close()
+  return config, state
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
