@@ -130,11 +130,8 @@ def test_summarize_stderr_and_padding():
 
 def test_cli(run, tmp_path):
   directory, workdir = run
-  config_file = tmp_path / 'tiny.py'
-  config_file.write_text('from tests import trained_run\n\n\ndef get_config(arg=None):\n'
-                         f'  return trained_run.config_dict({directory!r})\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  config_file = trained_run.write_config_file(directory, tmp_path)
+  env = trained_run.cli_env()
   command = [sys.executable, 'run.py', f'--config={config_file}', f'--workdir={workdir}',
              '--mode=eval']
   done = subprocess.run(command + ['--step=all'], cwd=ROOT, env=env, capture_output=True,

@@ -201,11 +201,8 @@ def run(tmp_path_factory):
 
 def test_cli(run, tmp_path):
   directory, workdir = run
-  config_file = tmp_path / 'tiny.py'
-  config_file.write_text('from tests import trained_run\n\n\ndef get_config(arg=None):\n'
-                         f'  return trained_run.config_dict({directory!r})\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  config_file = trained_run.write_config_file(directory, tmp_path)
+  env = trained_run.cli_env()
   result = subprocess.run(
       [sys.executable, 'run.py', f'--config={config_file}', f'--workdir={workdir}',
        '--mode=inspect', '--prompt=alpha beta', '--prompt=gamma', '--tokens=a,e', '--step=10'],

@@ -8,6 +8,7 @@ something to choose from).
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 from configs import base
@@ -58,3 +59,17 @@ def train_run(directory: str, devices: Any = None, **sections: dict[str, Any]) -
   workdir = os.path.join(directory, 'run')
   train.train(config(directory, **sections), workdir, devices=devices, progress=False)
   return workdir
+
+
+def write_config_file(directory: str, folder: pathlib.Path) -> pathlib.Path:
+  """folder/tiny.py: a config file for run.py that builds this tiny run (data under directory)."""
+  config_file = folder / 'tiny.py'
+  config_file.write_text('from tests import trained_run\n\n\ndef get_config(arg=None):\n'
+                         f'  return trained_run.config_dict({directory!r})\n')
+  return config_file
+
+
+def cli_env() -> dict[str, str]:
+  """The environment run.py subprocesses get in tests: 8 fake CPU devices."""
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+              JAX_PLATFORMS='cpu')

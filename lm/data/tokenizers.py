@@ -497,6 +497,16 @@ def load_tokenizer(path: str) -> Tokenizer:
   return tokenizer
 
 
+def _read_beside(folder: str, name: str, spec_path: str) -> tuple[str, bytes]:
+  """(path, bytes) of a tokenizer file that the spec at `spec_path` says lies beside it."""
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing beside {spec_path}. Restore the tokenizer folder '
+                            'from the run that wrote it.')
+  with open(path, 'rb') as f:
+    return path, f.read()
+
+
 def _from_spec(kind: str, spec: dict[str, Any], folder: str, spec_path: str) -> Tokenizer:
   if kind == 'byte':
     return ByteTokenizer()
@@ -505,22 +515,12 @@ def _from_spec(kind: str, spec: dict[str, Any], folder: str, spec_path: str) -> 
       raise ValueError(f'{spec_path} lacks the "chars" of its char tokenizer: it is corrupt.')
     return CharTokenizer(spec['chars'])
   if kind == 'sentencepiece':
-    model_path = os.path.join(folder, SP_MODEL)
-    if not os.path.isfile(model_path):
-      raise FileNotFoundError(
-          f'{model_path} is missing beside {spec_path}. Restore the tokenizer folder from the '
-          'run that wrote it.')
-    with open(model_path, 'rb') as f:
-      return SentencePieceTokenizer(f.read(), model_path, name=spec.get('name', ''))
+    model_path, model = _read_beside(folder, SP_MODEL, spec_path)
+    return SentencePieceTokenizer(model, model_path, name=spec.get('name', ''))
   if kind == 'hf':
-    json_path = os.path.join(folder, HF_JSON)
-    if not os.path.isfile(json_path):
-      raise FileNotFoundError(
-          f'{json_path} is missing beside {spec_path}. Restore the tokenizer folder from the '
-          'run that wrote it.')
-    with open(json_path, 'rb') as f:
-      return HFTokenizer(f.read(), json_path, eos_id=spec['eos_id'], bos_id=spec['bos_id'],
-                         pad_id=spec['pad_id'])
+    json_path, text = _read_beside(folder, HF_JSON, spec_path)
+    return HFTokenizer(text, json_path, eos_id=spec['eos_id'], bos_id=spec['bos_id'],
+                       pad_id=spec['pad_id'])
   raise ValueError(f'{spec_path} names an unknown tokenizer kind {kind!r}; expected byte, char, '
                    'sentencepiece or hf.')
 
