@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.pos_emb = 'learned'  # sinusoidal | learned | rope | alibi | relative | none
   m.rope_theta = 10000.0  # RoPE base frequency
   m.rope_fraction = 1.0  # fraction of each head's dimensions that RoPE rotates (partial rotary)
-  m.rope_scaling = 'none'  # none | linear (position interpolation) | llama3 (frequency scaling)
+  m.rope_scaling = 'none'  # none | linear (position interpolation) | ntk (base rescaled) | llama3
   m.rope_scaling_factor = 1.0  # context extension factor for rope_scaling
   m.rope_original_max_seq_len = 8192  # llama3 scaling: the context the model was trained on
   m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original/low are scaled
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.qk_norm = False  # RMS-normalise queries and keys per head before the dot product
   m.attn_logit_softcap = 0.0  # cap * tanh(logits / cap) on attention logits; 0: off
   m.final_logit_softcap = 0.0  # the same on the LM head's logits; 0: off
-  m.attention_impl = 'xla'  # xla (einsum) | dot_product_attention (jax.nn, cuDNN) | blockwise
+  m.attention_impl = 'xla'  # xla (einsum) | dot_product_attention (jax.nn) | cudnn | blockwise
   m.attention_block = 128  # blockwise: keys per block of the online softmax (memory ~ T x block)
   m.ffn = 'mlp'  # mlp (GELU) | swiglu | moe
   m.num_experts = 8  # moe: experts per layer
@@ -58,6 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'  # parameter storage dtype
   m.scan_layers = True  # stack the blocks under nn.scan: compile time flat in depth
   m.remat = 'none'  # rematerialisation of each block: none | full | dots | dots_no_batch
+  lora = m.lora = ml_collections.ConfigDict()  # LoRA: train low-rank adapters on a frozen base
+  lora.rank = 0  # adapter rank; 0: off (needs train.init_from: the base the adapters adapt)
+  lora.alpha = 16.0  # the update is scaled by alpha / rank
+  lora.dropout = 0.0  # dropout on the adapters' input
+  lora.targets = ('q', 'k', 'v', 'o')  # projections adapted: q, k, v, o (attention), ffn (all FFN)
 
   d = c.data = ml_collections.ConfigDict()
   d.corpus = 'stdlib'  # stdlib | a text file | a directory | a glob | a pre-tokenized .bin
@@ -72,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.eval_stride = 0  # evaluation windows advance by this many tokens; 0: seq_len (no overlap)
   d.cache_dir = ''  # tokenized-corpus cache; '': ~/.cache/lm
   d.prefetch = 2  # batches prepared ahead in a background thread
+  d.format = 'text'  # text (documents) | sft (JSONL examples) | preference (JSONL pairs for DPO)
+  d.chat_template = 'builtin'  # sft/preference/eval.task: builtin | hf | none | a .jinja file
 
   t = c.train = ml_collections.ConfigDict()
   t.steps = 1000  # optimizer steps (unless a budget below is set)
@@ -85,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.init_from = ''  # DIR[:step] of another run, or hf:PATH; '': random init
   t.trainable = ()  # regexes over parameter paths that train; empty: everything
   t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0: from a table, or a measured matmul on CPU
+  t.dpo_beta = 0.1  # data.format=preference: DPO's beta (higher: stay closer to the reference)
 
   o = c.optim = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | adafactor | lion | muon
@@ -111,6 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.batch_size = 32  # global evaluation batch size
   e.max_batches = 0  # batches per validation pass during training; 0: the whole split
   e.seq_lens = ()  # extra context lengths for the context-length evaluation
+  e.task = ''  # --mode=eval: a JSONL of {"prompt","answer"} scored by greedy exact match; '': off
+  e.task_max_new_tokens = 64  # eval.task: tokens generated per prompt (greedy, KV cache)
 
   s = c.sample = ml_collections.ConfigDict()
   s.max_new_tokens = 200  # tokens generated per prompt
@@ -124,11 +134,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.mesh_data = -1  # mesh: data-parallel axis size; -1: the devices left over
   p.mesh_fsdp = 1  # mesh: parameter-sharding axis size (ZeRO-3 / FSDP); -1: the rest
   p.mesh_expert = 1  # mesh: expert-parallel axis size (MoE experts, and the batch); -1: the rest
+  p.mesh_context = 1  # mesh: context-parallel axis size (sequence split, ring attention); -1: rest
   p.mesh_tensor = 1  # mesh: tensor-parallel axis size (heads, FFN width, vocab); -1: the rest
   # mesh: logical axis -> mesh axes ('a,b' for several, '' replicated); the model names its axes.
   # Where two axes of one weight ask for the same mesh axis, the one listed first here gets it.
   r = p.rules = ml_collections.ConfigDict()
   r.batch = 'data,fsdp,expert'  # the batch of every input and activation
+  r.length = 'context'  # the sequence of every input and activation (context parallelism)
   r.expert = 'expert'  # MoE experts (the stacked [E, ...] expert weights)
   r.vocab = 'tensor'  # token embedding rows and LM head columns
   r.embed = 'fsdp'  # d_model: FSDP shards every weight along it

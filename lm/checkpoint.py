@@ -3,9 +3,11 @@
 Layout of DIR/checkpoints/<step>/ (one orbax step directory, renamed into place only when
 complete, so a half-written step is never listed or restored):
 
-  params/     the parameters (orbax StandardSave: global arrays, whatever saved them)
+  params/     the parameters (orbax StandardSave: global arrays, whatever saved them); a LoRA
+              run's hold only those that train (the adapters), see BASE_KEY
   opt_state/  the optimizer state (trainable parameters only)
-  meta/       JSON: step, rng (raw key data), data_step, eval_loss, config (resolved)
+  meta/       JSON: step, rng (raw key data), data_step, eval_loss, config (resolved), and a
+              LoRA run's BASE_KEY
   metrics/    JSON {'eval_loss': x} when a validation loss was known (ranks the best)
 
 Under parallel.strategy=mesh the arrays are saved sharded, every process writing its own shards
@@ -15,7 +17,8 @@ ShapeDtypeStructs with the target shardings (lm.parallel's `target`) and orbax r
 slice straight into place.
 
 Other modes restore through `restore_params(workdir, step)`, `available_steps(workdir)`,
-`best_step(workdir)` and `load_config(workdir)`.
+`best_step(workdir)` and `load_config(workdir)`; `restore_params` lays a LoRA run's adapters
+over their base, so no caller needs to know.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
 _ITEMS = ('params', 'opt_state', 'meta')
 _METRIC = 'eval_loss'
+# meta key of a LoRA run's steps: the base model their adapters were trained on, as an exact
+# train.init_from ('/abs/DIR:STEP' or 'hf:/abs/PATH', see pin_init_from).
+BASE_KEY = 'lora_base'
 
 
 class _QuietMissingMetrics(logging.Filter):
@@ -90,6 +96,7 @@ class Checkpointer:
   """The training run's checkpoints: save (async), resume, retention."""
 
   def __init__(self, workdir: str, config: lm_config.CheckpointConfig):
+    self.workdir = os.path.abspath(workdir)
     self._manager = _manager(checkpoint_dir(workdir), keep=config.keep, keep_best=config.keep_best,
                              async_save=config.async_save, create=True)
     self._saving: int | None = None  # the step of the save in flight, for error messages
@@ -120,6 +127,7 @@ class Checkpointer:
 
     Trees are host (numpy) copies (pmap) or sharded jax.Arrays (mesh); orbax copies device
     arrays to host before returning, so buffer donation by the steps that follow is safe.
+    opt_state None saves weights that nothing resumes from (lm.lora's merged steps).
     """
     if step in self._manager.all_steps():
       return False
@@ -129,13 +137,16 @@ class Checkpointer:
         eval_loss) else None
     with self._write_errors():
       _check_writable(str(self._manager.directory))
-      return self._manager.save(
-          step,
-          args=ocp.args.Composite(
-              params=ocp.args.StandardSave(params),
-              opt_state=ocp.args.StandardSave(opt_state),
-              meta=ocp.args.JsonSave(dict(meta, step=step, eval_loss=eval_loss))),
-          metrics=metrics, force=True)
+      items = dict(params=ocp.args.StandardSave(params),
+                   meta=ocp.args.JsonSave(dict(meta, step=step, eval_loss=eval_loss)))
+      if opt_state is not None:
+        items['opt_state'] = ocp.args.StandardSave(opt_state)
+      return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                                force=True)
+
+  def meta(self, step: int) -> dict[str, Any]:
+    """The meta item of `step` alone (e.g. a LoRA run's BASE_KEY, before restoring)."""
+    return _read_meta(self._manager, step)
 
   def restore(self, step: int, abstract_params: Any,
               abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -235,6 +246,10 @@ def restore_params(workdir: str, step: int | str = 'latest',
                    model_config: lm_config.ModelConfig | None = None) -> tuple[Any, int]:
   """(params, step): the parameters of a saved step as a nested dict of host arrays.
 
+  A LoRA run's step holds only its adapters: they come back laid over the base model they were
+  trained on (meta's BASE_KEY), the whole adapted model; folded into the base
+  (lm.model.lora.merge) if `model_config` has LoRA off.
+
   Args:
     workdir: a training run's directory.
     step: N, 'latest' or 'best' (lowest validation loss).
@@ -244,23 +259,87 @@ def restore_params(workdir: str, step: int | str = 'latest',
   """
   number = resolve_step(workdir, step)
   manager = _manager(checkpoint_dir(workdir))
+  source = f'{workdir} step {number}'
+  with _reading(manager, number):
+    meta = _read_meta(manager, number)
+    metadata = manager.item_metadata(number)['params']
+  saved_tree = dict(getattr(metadata, 'tree', metadata))
+  adapters_only = BASE_KEY in meta
+  target = None
   if model_config is not None:
     from lm import info  # pylint: disable=g-import-not-at-top (info imports the model)
     target = info.param_shapes(model_config)
-    with _reading(manager, number):
-      saved = _saved_shapes(manager, number)
-    check_fit(saved, target, f'{workdir} step {number}')
-  else:
-    with _reading(manager, number):
-      metadata = manager.item_metadata(number)['params']
-    target = dict(getattr(metadata, 'tree', metadata))
+    if not adapters_only:
+      check_fit(_shapes(saved_tree), target, source)
+  tree = saved_tree if target is None or adapters_only else target
   with _reading(manager, number):
     restored = manager.restore(number, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(on_one_device(target))))
-  params = jax.tree.map(np.asarray, restored['params'])
-  if model_config is not None:
+        params=ocp.args.StandardRestore(on_one_device(tree))))
+  params = flax.core.unfreeze(jax.tree.map(np.asarray, restored['params']))
+  if adapters_only:
+    params = _over_base(params, meta, source, model_config)
+    if target is not None:
+      check_fit(_shapes(params), target, source)
+  if target is not None:
     params = jax.tree.map(lambda x, t: x.astype(t.dtype), params, target)
-  return flax.core.unfreeze(params), number
+  return params, number
+
+
+def _over_base(saved: Any, meta: Mapping[str, Any], source: str,
+               model_config: lm_config.ModelConfig | None) -> Any:
+  """A LoRA step's saved parameters laid over its base; folded in if model_config says so."""
+  from lm.model import lora  # pylint: disable=g-import-not-at-top (the model, only for LoRA)
+  adapted = lm_config.Config.from_saved(meta['config']).model
+  base = meta[BASE_KEY]
+  try:
+    base_params, _ = load_init_from(base, lora.without_lora(adapted))
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(
+        f'Checkpoint {source} holds LoRA adapters only, trained on the base model {base}, '
+        f'which cannot be loaded: {e} Put that base checkpoint back where it was (the adapters '
+        'fit no other), then merge them into it for good with --mode=merge.') from e
+  params = overlay(base_params, saved)
+  if model_config is not None and not model_config.lora.rank:
+    params = lora.merge(adapted, params)
+  return params
+
+
+def overlay(params: Any, part: Any) -> Any:
+  """`params` with every leaf that `part` (a partial tree) has replaced or added."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  flat.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(part)))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def parse_init_from(value: str) -> tuple[str, int | str]:
+  """'DIR' -> (DIR, 'latest'); 'DIR:1000' or 'DIR:best' -> (DIR, 1000 | 'best');
+  'hf:PATH' (a Hugging Face checkpoint directory) -> (PATH, 'hf')."""
+  if value.startswith('hf:'):
+    return value[len('hf:'):], 'hf'
+  directory, sep, step = value.rpartition(':')
+  if sep and (step.isdigit() or step in ('best', 'latest')):
+    return directory, int(step) if step.isdigit() else step
+  return value, 'latest'
+
+
+def pin_init_from(value: str) -> str:
+  """train.init_from made exact, so that it names the same weights for good: 'DIR' or
+  'DIR:best' -> '/abs/DIR:STEP', 'hf:PATH' -> 'hf:/abs/PATH'."""
+  directory, step = parse_init_from(value)
+  if step == 'hf':
+    return 'hf:' + os.path.abspath(os.path.expanduser(directory))
+  directory = os.path.abspath(os.path.expanduser(directory))
+  return f'{directory}:{resolve_step(directory, step)}'
+
+
+def load_init_from(value: str, model_config: lm_config.ModelConfig) -> tuple[Any, str]:
+  """(params, where from): the weights a train.init_from value names, fitted to the model."""
+  directory, step = parse_init_from(value)
+  if step == 'hf':
+    from lm import hf  # pylint: disable=g-import-not-at-top (safetensors, only for imports)
+    return hf.load_params(directory, model_config), f'the Hugging Face checkpoint {directory}'
+  params, found = restore_params(directory, step, model_config)
+  return params, f'{directory} step {found}'
 
 
 def on_one_device(tree: Any) -> Any:
@@ -277,7 +356,7 @@ def load_config(workdir: str) -> lm_config.Config:
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run '
                             '(python run.py --mode=train writes it).')
   with open(path, encoding='utf-8') as f:
-    return lm_config.Config.from_config_dict(json.load(f))
+    return lm_config.Config.from_saved(json.load(f))
 
 
 def save_config(workdir: str, config: lm_config.Config) -> None:
@@ -292,9 +371,17 @@ def save_config(workdir: str, config: lm_config.Config) -> None:
 
 def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
   metadata = manager.item_metadata(step)['params']
-  tree = getattr(metadata, 'tree', metadata)
-  flat = flax.traverse_util.flatten_dict(dict(tree), sep='/')
+  return _shapes(dict(getattr(metadata, 'tree', metadata)))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'path' -> shape of every leaf (arrays, ShapeDtypeStructs or orbax metadata)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
 
 def check_fit(saved: Mapping[str, tuple[int, ...]], target: Any, source: str) -> None:
@@ -335,8 +422,15 @@ def _check_writable(directory: str) -> None:
 def _check_optimizer_fit(manager: ocp.CheckpointManager, step: int,
                          abstract_opt_state: Any) -> None:
   """After a failed restore: a ValueError if the saved optimizer state is another optimizer's."""
+  run = os.path.dirname(str(manager.directory))
   with _reading(manager, step):
-    metadata = manager.item_metadata(step)['opt_state']
+    items = manager.item_metadata(step)
+  if 'opt_state' not in items.keys():
+    raise ValueError(
+        f'Checkpoint step {step} in {manager.directory} holds weights only, no optimizer state '
+        '(a merged LoRA step), so no training resumes from it. Start a new run from these '
+        f'weights with --config.train.init_from={run}:{step}.')
+  metadata = items['opt_state']
   shapes = lambda tree: {'/'.join(map(str, path)): tuple(leaf.shape)
                          for path, leaf in ocp.tree.to_flat_dict(tree).items()}
   saved, expected = shapes(getattr(metadata, 'tree', metadata)), shapes(abstract_opt_state)
@@ -348,9 +442,9 @@ def _check_optimizer_fit(manager: ocp.CheckpointManager, step: int,
         f'Checkpoint step {step} in {manager.directory} does not fit the optimizer: its state '
         f'{path} is {saved.get(path, "absent")} in the checkpoint but '
         f'{expected.get(path, "absent")} for this config. Resume with the optimizer settings '
-        "the run was trained with (optim.* and train.trainable in its config.json), or start "
-        'a new run from these weights with '
-        f'--config.train.init_from={os.path.dirname(str(manager.directory))}:{step}.')
+        'the run was trained with (optim.*, train.trainable and model.lora in its '
+        'config.json), or start a new run from these weights with '
+        f'--config.train.init_from={run}:{step}.')
 
 
 @contextlib.contextmanager

@@ -17,24 +17,55 @@ FFNS = ('mlp', 'swiglu', 'moe')
 EXPERT_FFNS = ('mlp', 'swiglu')
 NORMS = ('layernorm', 'rmsnorm')
 NORM_POSITIONS = ('pre', 'post')
-ROPE_SCALINGS = ('none', 'linear', 'llama3')
-ATTENTION_IMPLS = ('xla', 'dot_product_attention', 'blockwise')
+ROPE_SCALINGS = ('none', 'linear', 'ntk', 'llama3')
+ATTENTION_IMPLS = ('xla', 'dot_product_attention', 'cudnn', 'blockwise')
 ATTENTION_PATTERNS = ('full', 'local', 'fixed')
 REMATS = ('none', 'full', 'dots', 'dots_no_batch')
+# model.lora.targets: attention's query, key, value and output projections, and every matrix
+# of the FFN (each expert's under MoE; the router stays frozen).
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'ffn')
 DTYPES = ('float32', 'bfloat16', 'float16')
 TOKENIZERS = ('sentencepiece', 'byte', 'char')
+# data.format: a text corpus, SFT examples, or preference pairs (DPO); the last two are JSONL.
+DATA_FORMATS = ('text', 'sft', 'preference')
+# data.chat_template names; a path to a .jinja file is accepted too.
+CHAT_TEMPLATES = ('builtin', 'hf', 'none')
 SP_MODEL_TYPES = ('bpe', 'unigram')
 OPTIMIZERS = ('adamw', 'adafactor', 'lion', 'muon')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 STRATEGIES = ('pmap', 'mesh')
+# The mesh axis that ring attention passes key/value blocks around (parallel.mesh_context).
+CONTEXT_AXIS = 'context'
 # The device mesh of parallel.strategy=mesh, outermost first (parallel.mesh_<axis> sizes).
-MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
-# Every logical axis name the model's parameters carry, plus 'batch' for inputs; each needs a
-# parallel.rules entry (a new name in lm/model goes here and into configs/base.py).
+# The ring's neighbours sit next to each other, inside all but tensor parallelism.
+MESH_AXES = ('data', 'fsdp', 'expert', CONTEXT_AXIS, 'tensor')
+# Every logical axis name the model's parameters carry, plus 'batch' and 'length' (the sequence)
+# for inputs and activations; each needs a parallel.rules entry (a new name in lm/model goes
+# here and into configs/base.py).
 # Listed in priority order: where two axes of one weight ask for the same mesh axis, the
 # earlier gets it (flax logical rules).
-LOGICAL_AXES = ('batch', 'expert', 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
-                'layers', 'relative_buckets')
+LOGICAL_AXES = ('batch', 'length', 'expert', 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim',
+                'mlp', 'layers', 'relative_buckets')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (Hu et al., 2021) on the projections named in `targets`; rank 0: off."""
+
+  rank: int
+  alpha: float
+  dropout: float
+  targets: tuple[str, ...]
+
+  @property
+  def scale(self) -> float:
+    """alpha / rank: the update's scale, so that changing the rank keeps the learning rate."""
+    return self.alpha / self.rank if self.rank else 0.0
+
+  @property
+  def signature(self) -> tuple[Any, ...]:
+    """What fixes the parameters and the logits (dropout only acts in training); () if off."""
+    return (self.rank, self.alpha, self.targets) if self.rank else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +121,7 @@ class ModelConfig:
   param_dtype: str
   scan_layers: bool
   remat: str
+  lora: LoraConfig
 
   @property
   def rope_dim(self) -> int:
@@ -116,6 +148,8 @@ class DataConfig:
   eval_stride: int
   cache_dir: str
   prefetch: int
+  format: str
+  chat_template: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +165,7 @@ class TrainConfig:
   init_from: str
   trainable: tuple[str, ...]
   peak_flops: float
+  dpo_beta: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +198,8 @@ class EvalConfig:
   batch_size: int
   max_batches: int
   seq_lens: tuple[int, ...]
+  task: str
+  task_max_new_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +219,7 @@ class ParallelConfig:
   mesh_data: int
   mesh_fsdp: int
   mesh_expert: int
+  mesh_context: int
   mesh_tensor: int
   rules: tuple[tuple[str, str], ...]
   distributed: bool
@@ -219,6 +257,41 @@ _SECTIONS = {
 }
 
 
+# Model keys that change no parameter, so a trained model may be run (evaluated, sampled, or
+# fine-tuned, e.g. to extend its context) with other values; the given config wins.
+INFERENCE_KEYS = ('max_seq_len', 'rope_scaling', 'rope_scaling_factor',
+                  'rope_original_max_seq_len', 'rope_low_freq_factor', 'rope_high_freq_factor',
+                  'attention_window', 'attention_impl', 'dtype', 'capacity_factor')
+
+# Keys added to configs/base.py after runs were first saved, with the value an older run's
+# config.json means by leaving them out (the behaviour before they existed). A new key whose
+# default changes nothing belongs here too, so that every saved run keeps loading.
+ADDED_KEYS: dict[str, Any] = {
+    'model': {'attention_pattern': 'full', 'attention_stride': 0, 'attention_summary': 1,
+              'attention_block': 128,
+              'lora': {'rank': 0, 'alpha': 16.0, 'dropout': 0.0, 'targets': ['q', 'k', 'v', 'o']}},
+    'data': {'format': 'text', 'chat_template': 'builtin'},
+    'train': {'tokens': 0, 'flops': 0.0, 'dpo_beta': 0.1},
+    'eval': {'task': '', 'task_max_new_tokens': 64},
+    'parallel': {'mesh_expert': 1, 'mesh_context': 1,
+                 'rules': {**{axis: '' for axis in LOGICAL_AXES}, 'length': CONTEXT_AXIS},
+                 'distributed': False, 'coordinator_address': '', 'num_processes': 0,
+                 'process_id': -1},
+}
+
+
+def with_added_keys(raw: Mapping[str, Any], added: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+  """`raw` with every missing key of ADDED_KEYS filled in (present keys are kept as they are)."""
+  raw = dict(_to_plain(raw))
+  for key, value in (ADDED_KEYS if added is None else added).items():
+    if key not in raw:
+      raw[key] = _to_plain(value)
+    elif isinstance(value, Mapping) and isinstance(raw[key], Mapping):
+      raw[key] = with_added_keys(raw[key], value)
+  return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """The whole run, validated. Build it with `Config.from_config_dict`."""
@@ -232,6 +305,15 @@ class Config:
   eval: EvalConfig
   sample: SampleConfig
   parallel: ParallelConfig
+
+  @classmethod
+  def from_saved(cls, raw: Mapping[str, Any]) -> Config:
+    """A run's saved config.json, written by this or an earlier version of lm.
+
+    Keys added since (ADDED_KEYS) are filled with the values that keep the run's behaviour;
+    everything else is checked as strictly as a new config.
+    """
+    return cls.from_config_dict(with_added_keys(raw))
 
   @classmethod
   def from_config_dict(cls, cd: Mapping[str, Any]) -> Config:
@@ -407,6 +489,23 @@ def _validate_model(m: ModelConfig) -> None:
     _non_negative('model.capacity_factor', m.capacity_factor)
     _non_negative('model.router_aux_loss_weight', m.router_aux_loss_weight)
     _non_negative('model.router_z_loss_weight', m.router_z_loss_weight)
+  _validate_lora(m.lora)
+
+
+def _validate_lora(lora: LoraConfig) -> None:
+  """model.lora: rank 0 is off; targets name projections of LORA_TARGETS, each once."""
+  _non_negative('model.lora.rank', lora.rank)
+  _probability('model.lora.dropout', lora.dropout)
+  for target in lora.targets:
+    _one_of('model.lora.targets', target, LORA_TARGETS)
+  if len(set(lora.targets)) != len(lora.targets):
+    _fail('model.lora.targets', f'{list(lora.targets)} names a projection twice',
+          'Name each once.')
+  if lora.rank:
+    _positive('model.lora.alpha', lora.alpha)
+    if not lora.targets:
+      _fail('model.lora.targets', f'is empty, so rank={lora.rank} adapts nothing',
+            f"Name projections ({', '.join(LORA_TARGETS)}), e.g. ['q', 'v'], or set rank=0.")
 
 
 def _validate_attention(m: ModelConfig) -> None:
@@ -423,6 +522,15 @@ def _validate_attention(m: ModelConfig) -> None:
     if m.attention_window:
       _fail('model.attention_window', f"is {m.attention_window} with attention_pattern='fixed', "
             'whose summary positions reach back to the start', 'Set attention_window=0.')
+  if m.attention_impl == 'cudnn':
+    if m.dtype not in ('bfloat16', 'float16'):
+      _fail('model.dtype', f"is {m.dtype!r}, but cuDNN's fused attention (attention_impl="
+            "'cudnn') computes in 16 bits only", "Set model.dtype=bfloat16, or use "
+            "attention_impl='dot_product_attention' (cuDNN where it applies, XLA otherwise).")
+    if m.attn_logit_softcap or m.attn_dropout:
+      _fail('model.attention_impl', "is 'cudnn', whose fused kernel has no logit soft cap "
+            'and no dropout on the weights', "Use attention_impl='xla', or set "
+            'attn_logit_softcap=0 and attn_dropout=0.')
   if m.attention_impl == 'blockwise':
     _positive('model.attention_block', m.attention_block)
     if m.attn_dropout:
@@ -449,6 +557,28 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _fail('model.max_seq_len', f'learned positions cover {m.max_seq_len} tokens but '
           f'data.seq_len={d.seq_len}', f'Set --config.model.max_seq_len={d.seq_len} or more, '
           'or shorten data.seq_len.')
+  _validate_examples(d)
+
+
+def _validate_examples(d: DataConfig) -> None:
+  """data.format and data.chat_template: SFT and preference data are JSONL examples."""
+  _one_of('data.format', d.format, DATA_FORMATS)
+  if d.chat_template not in CHAT_TEMPLATES and not d.chat_template.endswith('.jinja'):
+    near = difflib.get_close_matches(d.chat_template, CHAT_TEMPLATES, n=1)
+    hint = f'Did you mean {near[0]!r}? ' if near else ''
+    _fail('data.chat_template', f'{d.chat_template!r} is neither one of '
+          f'{", ".join(CHAT_TEMPLATES)} nor a .jinja file', f'{hint}Use builtin, hf (the '
+          "Hugging Face tokenizer's own), none (plain concatenation) or a path ending in .jinja.")
+  if d.format == 'text':
+    return
+  if not d.corpus.endswith('.jsonl'):
+    fields = ('{"prompt", "response"} or {"messages": [...]}' if d.format == 'sft'
+              else '{"prompt", "chosen", "rejected"}')
+    _fail('data.corpus', f'is {d.corpus!r}, but data.format={d.format} reads a JSONL file of '
+          f'{fields}', f'Point --config.data.corpus at a .jsonl file, or set data.format=text.')
+  if d.format == 'preference' and d.packing:
+    _fail('data.packing', 'is True, but preference pairs are padded, one sequence per row, '
+          'so that chosen and rejected line up', 'Set --config.data.packing=False.')
 
 
 def _validate_training(c: Config) -> None:
@@ -495,6 +625,11 @@ def _validate_training(c: Config) -> None:
   _non_negative('eval.max_batches', e.max_batches)
   for n in e.seq_lens:
     _positive('eval.seq_lens', n)
+  if e.task and not e.task.endswith('.jsonl'):
+    _fail('eval.task', f'is {e.task!r}, not a .jsonl file', 'Point it at a JSONL file of '
+          '{"prompt", "answer"} lines, or set it to \'\' to score the validation split.')
+  _positive('eval.task_max_new_tokens', e.task_max_new_tokens)
+  _positive('train.dpo_beta', t.dpo_beta)
   s = c.sample
   _non_negative('sample.max_new_tokens', s.max_new_tokens)
   _non_negative('sample.temperature', s.temperature)
@@ -502,6 +637,7 @@ def _validate_training(c: Config) -> None:
   if not 0.0 < s.top_p <= 1.0:
     _fail('sample.top_p', f'must be in (0, 1], got {s.top_p}', 'Use 1.0 to turn it off.')
   _validate_parallel(p)
+  _validate_context(c)
 
 
 def _validate_parallel(p: ParallelConfig) -> None:
@@ -535,6 +671,29 @@ def _validate_parallel(p: ParallelConfig) -> None:
   if p.num_processes and p.process_id >= p.num_processes:
     _fail('parallel.process_id', f'{p.process_id} is not below parallel.num_processes='
           f'{p.num_processes}', f'Use 0 .. {p.num_processes - 1}.')
+
+
+def _validate_context(c: Config) -> None:
+  """Context parallelism: ring attention over parallel.mesh_context devices (lm/model/ring.py)."""
+  p, m, context = c.parallel, c.model, c.parallel.mesh_context
+  if context == 1:
+    return
+  if p.strategy != 'mesh':
+    _fail('parallel.mesh_context', f'is {context}, but context parallelism shards the sequence '
+          f'over a device mesh and parallel.strategy={p.strategy!r}',
+          'Set --config.parallel.strategy=mesh, or parallel.mesh_context=1.')
+  if context > 1 and c.data.seq_len % context:
+    _fail('data.seq_len', f'{c.data.seq_len} does not split into parallel.mesh_context='
+          f'{context} equal chunks', f'Use a multiple of {context}, e.g. '
+          f'--config.data.seq_len={-(-c.data.seq_len // context) * context}.')
+  if m.attn_dropout:
+    _fail('model.attn_dropout', f'is {m.attn_dropout}, but ring attention (parallel.mesh_context='
+          f'{context}) never forms the weights that dropout would drop',
+          'Set attn_dropout=0, or parallel.mesh_context=1.')
+  if m.attention_impl in ('dot_product_attention', 'cudnn'):
+    _fail('model.attention_impl', f"is {m.attention_impl!r}, which cannot be combined across "
+          f'the key chunks of ring attention (parallel.mesh_context={context})',
+          "Use 'xla' (one block per chunk) or 'blockwise' (model.attention_block keys at a time).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,11 +762,24 @@ def _coerce(section_cls: type, values: Mapping[str, Any], name: str) -> dict[str
 
 _TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool,
           'tuple[str, ...]': (tuple, str), 'tuple[int, ...]': (tuple, int),
-          'tuple[tuple[str, str], ...]': (tuple, (tuple, str))}
+          'tuple[tuple[str, str], ...]': (tuple, (tuple, str)),
+          'LoraConfig': LoraConfig}
+
+
+def _subsection(section_cls: type, values: Any, key: str) -> Any:
+  """A section nested in a section (model.lora), its keys checked like a top-level one's."""
+  if isinstance(values, section_cls):  # built already (sections are coerced twice)
+    return values
+  if not isinstance(values, Mapping):
+    raise ValueError(f'config.{key} must be a section (a ConfigDict), got {values!r}.')
+  _check_keys(values, [f.name for f in dataclasses.fields(section_cls)], where=f'{key}.')
+  return section_cls(**_coerce(section_cls, values, key))
 
 
 def _coerce_value(value: Any, kind: Any, key: str) -> Any:
   """Checks a value's type; ints are accepted for floats, lists for tuples."""
+  if dataclasses.is_dataclass(kind):
+    return _subsection(kind, value, key)
   if isinstance(kind, tuple):
     if isinstance(value, (str, int)) and not isinstance(value, bool):
       value = (value,)

@@ -21,6 +21,16 @@ For each step, DIR/eval/<step>.json holds:
 `--hf=PATH` evaluates a Hugging Face checkpoint directory instead: model, weights and tokenizer
 all come from PATH (lm.hf.run_config), and the result, with step "hf" and checkpoint PATH, goes
 to DIR/eval/hf.json; use one workdir per checkpoint.
+
+`eval.task=PATH.jsonl` scores a task instead of the validation split: each {"prompt", "answer"}
+line's prompt is rendered by data.chat_template as a user turn that cues the assistant (as SFT
+rendered its training examples), answered greedily with the KV cache (eval.task_max_new_tokens
+new tokens at most, up to EOS or sample.stop), and the answer counts if it equals the expected
+one after stripping surrounding whitespace. DIR/eval/<step>.json then holds
+
+  step, task, chat_template              what was asked, and how it was rendered
+  exact_match, correct, examples         the share and number of exact answers
+  outputs                                per example: prompt, answer, output, correct
 """
 
 from __future__ import annotations
@@ -43,13 +53,11 @@ from lm import config as lm_config
 from lm import model as lm_model
 from lm import parallel
 from lm import train as train_lib
+from lm.data import chat
 
 EVAL_DIR = 'eval'
 
-# Model keys that change no parameter but may be varied at inference (the command line wins).
-INFERENCE_KEYS = ('max_seq_len', 'rope_scaling', 'rope_scaling_factor',
-                  'rope_original_max_seq_len', 'rope_low_freq_factor', 'rope_high_freq_factor',
-                  'attention_window', 'attention_impl', 'dtype', 'capacity_factor')
+INFERENCE_KEYS = lm_config.INFERENCE_KEYS
 # Model keys that only matter for training (the saved values are kept, silently).
 TRAINING_KEYS = ('embed_dropout', 'attn_dropout', 'resid_dropout', 'init_std', 'remat',
                  'router_aux_loss_weight', 'router_z_loss_weight')
@@ -67,6 +75,8 @@ def merge_model(saved: lm_config.ModelConfig,
     key = field.name
     old, new = getattr(saved, key), getattr(given, key)
     if old == new or key in TRAINING_KEYS or (key == 'vocab_size' and new == 0):
+      continue
+    if key == 'lora' and old.signature == new.signature:  # dropout, or settings of LoRA off
       continue
     if key == 'max_seq_len' and saved.pos_emb == 'learned':
       raise ValueError(
@@ -87,11 +97,17 @@ def merge_model(saved: lm_config.ModelConfig,
 
 
 def run_config(workdir: str, config: lm_config.Config | None = None) -> lm_config.Config:
-  """The config to evaluate or sample a run with: its saved model, the given data/eval/sample."""
+  """The config to evaluate or sample a run with: its saved model, the given data/eval/sample.
+
+  A fine-tuning config (train.init_from set) gives only how to run the model, as in training.
+  """
   saved = ckpt_lib.load_config(workdir)
   if config is None:
     return saved
-  merged = dataclasses.replace(config, model=merge_model(saved.model, config.model))
+  given = config.model
+  if config.train.init_from:  # a fine-tuning config: its run's model came from init_from
+    given = train_lib.finetune_model(saved.model, given)
+  merged = dataclasses.replace(config, model=merge_model(saved.model, given))
   check_seq_len(merged.model, merged.data.seq_len, 'data.seq_len')
   lm_config.validate(merged)
   return merged
@@ -123,9 +139,21 @@ def score_batch(model: lm_model.Transformer, params: Any,
   return {'loss_sum': loss_sum_B, 'weight': weight_B}
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_score(model_config: lm_config.ModelConfig,
-                    strategy: parallel.DataParallel) -> Callable[..., Any]:
+def eval_strategy(config: lm_config.Config,
+                  devices: Sequence[jax.Device] | None = None) -> parallel.Strategy:
+  """Data parallel over `devices` (default: the local ones), or the run's own mesh.
+
+  A model sharded to train (parallel.strategy=mesh) is scored on the same mesh, each device
+  holding its shards only; the checkpoint restores onto it whatever saved it.
+  """
+  if config.parallel.strategy == 'mesh':
+    return parallel.MeshParallel.build(config, tuple(devices or jax.devices()))
+  return parallel.DataParallel(tuple(devices or jax.local_devices()))
+
+
+def compiled_score(model_config: lm_config.ModelConfig,
+                   strategy: parallel.Strategy) -> Callable[..., Any]:
+  """score_batch compiled for `strategy` (once per evaluation, reused for every step)."""
   return strategy.compile(functools.partial(score_batch, lm_model.Transformer(model_config)))
 
 
@@ -166,10 +194,9 @@ def eval_batch_size(batch_size: int, seq_len: int, base_seq_len: int, num_device
   return -(-rows // num_devices) * num_devices
 
 
-def score(params: Any, model_config: lm_config.ModelConfig, data: Any, batch_size: int,
-          seq_len: int, strategy: parallel.DataParallel) -> dict[str, float]:
+def score(params: Any, score_fn: Callable[..., Any], data: Any, batch_size: int,
+          seq_len: int, strategy: parallel.Strategy) -> dict[str, float]:
   """Scores the whole validation split at `seq_len` (data-parallel; the padded tail weighs 0)."""
-  score_fn = _compiled_score(model_config, strategy)
   pending = [score_fn(params, strategy.shard(batch))
              for batch in data.eval_batches(batch_size, seq_len)]  # dispatched asynchronously
   loss_sum_W = np.concatenate([np.asarray(p['loss_sum']).reshape(-1) for p in pending])
@@ -206,29 +233,31 @@ def evaluate(workdir: str, step: int | str | None = 'latest', *,
       None: the run's saved config.
     data: a prepared lm.data.Data; default lm.data.prepare(config, workdir), which uses the
       tokenizer saved in the run.
-    devices: default all local devices (data parallel).
+    devices: default all local devices (data parallel), or all devices for a mesh run.
     write: write DIR/eval/<step>.json.
     printer: called with a one-line summary per step (e.g. print).
   """
   workdir = os.path.abspath(workdir)
   steps = parse_steps(workdir, step)
   config = run_config(workdir, config)
-  seq_lens = _seq_lens(config)
-  for seq_len in seq_lens:
-    check_seq_len(config.model, seq_len)
-  if data is None:
-    from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy)
-    data = lm_data.prepare(config, workdir)
-  strategy = parallel.DataParallel(tuple(devices or jax.local_devices()))
+  from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy)
+  if config.eval.task:
+    tokenizer = lm_data.load_tokenizer(workdir)
+    score_step = lambda params, number: evaluate_task(config, params, tokenizer, number)
+  else:
+    _check_scorable(config)
+    for seq_len in _seq_lens(config):
+      check_seq_len(config.model, seq_len)
+    if data is None:
+      data = lm_data.prepare(config, workdir)
+    strategy = eval_strategy(config, devices)
+    score_fn = compiled_score(config.model, strategy)
+    score_step = lambda params, number: _evaluate_params(params, number, config, data, strategy,
+                                                         score_fn)
   results = []
   for number in steps:
     params, number = ckpt_lib.restore_params(workdir, number, config.model)
-    result = _evaluate_params(params, number, config, data, strategy)
-    if write:
-      write_result(workdir, result)
-    if printer:
-      printer(summary_line(result))
-    results.append(result)
+    results.append(_report(score_step(params, number), workdir if write else None, printer))
   return results
 
 
@@ -246,14 +275,45 @@ def evaluate_hf(path: str, *, config: lm_config.Config, workdir: str | None = No
 
   path = os.path.abspath(os.path.expanduser(path))
   config = hf.run_config(config, path)
+  if config.eval.task:
+    from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy)
+    result = evaluate_task(config, hf.load_params(path, config.model),
+                           lm_data.tokenizers.load_hf_tokenizer(path), 'hf')
+    return _report(dict(result, checkpoint=path), workdir, printer)
+  _check_scorable(config)
   for seq_len in _seq_lens(config):
     check_seq_len(config.model, seq_len)
   if data is None:
     from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy)
     data = lm_data.prepare(config, tokenizer=lm_data.tokenizers.load_hf_tokenizer(path))
-  strategy = parallel.DataParallel(tuple(devices or jax.local_devices()))
-  result = _evaluate_params(hf.load_params(path, config.model), 'hf', config, data, strategy)
-  result['checkpoint'] = path
+  strategy = eval_strategy(config, devices)
+  result = _evaluate_params(hf.load_params(path, config.model), 'hf', config, data, strategy,
+                            compiled_score(config.model, strategy))
+  return _report(dict(result, checkpoint=path), workdir, printer)
+
+
+def _evaluate_params(params: Any, step: int | str, config: lm_config.Config, data: Any,
+                     strategy: parallel.Strategy,
+                     score_fn: Callable[..., Any]) -> dict[str, Any]:
+  """The result of one checkpoint: every context length of _seq_lens, timed."""
+  params = strategy.put(params)
+  started = time.perf_counter()
+  seq_lens = _seq_lens(config)
+  per_len = {}
+  for seq_len in seq_lens:
+    batch_size = eval_batch_size(config.eval.batch_size, seq_len, config.data.seq_len,
+                                 strategy.num_devices)
+    per_len[seq_len] = score(params, score_fn, data, batch_size, seq_len, strategy)
+  result = dict(step=step, corpus=config.data.corpus,
+                tokenizer=getattr(data.tokenizer, 'name', ''), **per_len[config.data.seq_len])
+  if len(seq_lens) > 1:
+    result['seq_lens'] = {str(t): per_len[t] for t in sorted(seq_lens)}
+  result['seconds'] = time.perf_counter() - started
+  return result
+
+
+def _report(result: dict[str, Any], workdir: str | None,
+            printer: Callable[[str], None] | None) -> dict[str, Any]:
   if workdir:
     write_result(workdir, result)
   if printer:
@@ -261,23 +321,56 @@ def evaluate_hf(path: str, *, config: lm_config.Config, workdir: str | None = No
   return result
 
 
-def _evaluate_params(params: Any, step: int | str, config: lm_config.Config, data: Any,
-                     strategy: parallel.DataParallel) -> dict[str, Any]:
-  """The result of one checkpoint: every context length of _seq_lens, timed."""
-  params = strategy.replicate(params)
+def _check_scorable(config: lm_config.Config) -> None:
+  if config.data.format == 'preference':
+    raise ValueError(
+        'data.format=preference: --mode=eval scores text or SFT examples, or a task; '
+        'preference pairs are scored by training\'s own validation (eval/loss, '
+        'eval/reward_accuracy in metrics.jsonl). Set --config.eval.task=TASK.jsonl, or '
+        'point data at SFT examples (--config.data.format=sft --config.data.corpus=X.jsonl).')
+
+
+# ---------------------------------------------------------------------------------------------
+# Task evaluation.
+
+
+def evaluate_task(config: lm_config.Config, params: Any, tokenizer: Any,
+                  step: int | str) -> dict[str, Any]:
+  """Greedy answers to eval.task's prompts and their exact match (see the module docstring)."""
+  from lm import sample  # pylint: disable=g-import-not-at-top (sample imports this module)
+
+  e = config.eval
   started = time.perf_counter()
-  seq_lens = _seq_lens(config)
-  per_len = {}
-  for seq_len in seq_lens:
-    batch_size = eval_batch_size(config.eval.batch_size, seq_len, config.data.seq_len,
-                                 strategy.num_devices)
-    per_len[seq_len] = score(params, config.model, data, batch_size, seq_len, strategy)
-  result = dict(step=step, corpus=config.data.corpus,
-                tokenizer=getattr(data.tokenizer, 'name', ''), **per_len[config.data.seq_len])
-  if len(seq_lens) > 1:
-    result['seq_lens'] = {str(t): per_len[t] for t in sorted(seq_lens)}
-  result['seconds'] = time.perf_counter() - started
-  return result
+  template = chat.load_template(config.data.chat_template, tokenizer)
+  special = chat.special_tokens(template, tokenizer)
+  examples = [(record['prompt'], *chat.task_example(record, where))
+              for where, record in chat.read_jsonl(e.task)]
+  if not examples:
+    raise ValueError(f'eval.task={e.task!r} holds no examples. Write one {{"prompt", "answer"}} '
+                     'object per line.')
+  prompts = [chat.encode(tokenizer, template.prompt(messages), special)[0]
+             for _, messages, _ in examples]
+  model = lm_model.Transformer(config.model)
+  texts = []
+  for i in range(0, len(prompts), e.batch_size):
+    batch = prompts[i:i + e.batch_size]
+    new = sample.generate_tokens(model, params, batch, max_new_tokens=e.task_max_new_tokens,
+                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    texts += [sample.Continuation(tokenizer, ids, config.sample.stop).text(tokens)
+              for ids, tokens in zip(batch, new)]
+  outputs = [dict(prompt=prompt, answer=answer, output=text,
+                  correct=exact_match(text, answer))
+             for (prompt, _, answer), text in zip(examples, texts)]
+  correct = sum(o['correct'] for o in outputs)
+  return dict(step=step, task=e.task, chat_template=config.data.chat_template,
+              exact_match=correct / len(outputs), correct=correct, examples=len(outputs),
+              max_new_tokens=e.task_max_new_tokens, seconds=time.perf_counter() - started,
+              outputs=outputs)
+
+
+def exact_match(output: str, answer: str) -> bool:
+  """Equal up to whitespace around them (generation often ends with a newline)."""
+  return output.strip() == answer.strip()
 
 
 def _seq_lens(config: lm_config.Config) -> list[int]:
@@ -298,6 +391,9 @@ def write_result(workdir: str, result: Mapping[str, Any]) -> str:
 
 
 def summary_line(result: Mapping[str, Any]) -> str:
+  if 'exact_match' in result:
+    return (f'step {result["step"]}: exact match {result["exact_match"]:.4f} '
+            f'({result["correct"]}/{result["examples"]}) on {result["task"]}')
   def one(r: Mapping[str, Any]) -> str:
     bpb = '' if r['bits_per_byte'] is None else f', {r["bits_per_byte"]:.4f} bits/byte'
     return (f'loss {r["loss"]:.4f} ± {r["loss_stderr"]:.4f}, perplexity {r["perplexity"]:.3f}'

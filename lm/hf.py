@@ -43,6 +43,7 @@ from safetensors import numpy as safetensors_numpy
 from lm import config as lm_config
 from lm import info
 from lm import model as lm_model
+from lm.model import positions as pos_lib
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -59,9 +60,10 @@ _BASE_MODELS = {'gpt2': 'GPT2Model', 'llama': 'LlamaModel', 'mistral': 'MistralM
 # Model keys that config.json does not decide: how the model runs, not what it computes.
 RUNTIME_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention_impl',
                 'attention_block')
-# Model keys that only matter for training, which a fine-tuning config may set.
+# Model keys that only matter for training, which a fine-tuning config may set (LoRA adds
+# adapters beside the checkpoint's weights).
 TRAINING_KEYS = ('embed_dropout', 'attn_dropout', 'resid_dropout', 'capacity_factor',
-                 'router_aux_loss_weight', 'router_z_loss_weight')
+                 'router_aux_loss_weight', 'router_z_loss_weight', 'lora')
 # lm's values for what these families do not have (or do not state); sizes come from config.json.
 # Every ModelConfig field must be decided here or by the family's mapping (read_config checks).
 _LM_ONLY = dict(
@@ -73,7 +75,8 @@ _LM_ONLY = dict(
     final_logit_softcap=0.0, attention_impl='xla', num_experts=8, top_k=2,
     expert_ffn='swiglu', capacity_factor=0.0, router_aux_loss_weight=0.0,
     router_z_loss_weight=0.0, norm_position='pre', embed_dropout=0.0, attn_dropout=0.0,
-    resid_dropout=0.0, dtype='float32', param_dtype='float32', scan_layers=False, remat='none')
+    resid_dropout=0.0, dtype='float32', param_dtype='float32', scan_layers=False, remat='none',
+    lora=lm_config.LoraConfig(rank=0, alpha=16.0, dropout=0.0, targets=('q', 'k', 'v', 'o')))
 # config.json keys that do not change the logits: ids of special tokens, generation defaults,
 # bookkeeping of transformers itself.
 _METADATA_KEYS = frozenset({
@@ -161,6 +164,10 @@ def load_params(path: str, model_config: lm_config.ModelConfig) -> dict[str, Any
   A tensor whose shape disagrees with `model_config`, a missing tensor, or one that no
   parameter takes is a ValueError naming it.
   """
+  if model_config.lora.rank:
+    raise ValueError(f'{path} holds a base model, not LoRA adapters: load it with model.lora '
+                     'rank 0 (lm.model.lora.without_lora) and add adapters to it '
+                     '(lm.train.create_state does).')
   target = info.param_shapes(model_config)
   params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), target)
   with _Reader(os.path.expanduser(path)) as reader:
@@ -216,6 +223,10 @@ def save_pretrained(model_config: lm_config.ModelConfig, params: Any, path: str,
 def export_family(model_config: lm_config.ModelConfig) -> str:
   """The Hugging Face family that expresses `model_config`; ValueError naming what none does."""
   m = model_config
+  if m.lora.rank:
+    raise ValueError('model.lora.rank > 0: Hugging Face models have no LoRA adapters. Fold them '
+                     'into the base first (python run.py --mode=merge --workdir=DIR) and export '
+                     'DIR/merged.')
 
   def need(key: str, value: Any, family: str) -> None:
     if getattr(m, key) != value:
@@ -460,8 +471,10 @@ def _hf_config(m: lm_config.ModelConfig, family: str, dtype: np.dtype) -> dict[s
         n_positions=m.max_seq_len, activation_function='gelu_new',
         layer_norm_epsilon=m.norm_eps, embd_pdrop=m.embed_dropout, attn_pdrop=m.attn_dropout,
         resid_pdrop=m.resid_dropout, scale_attn_weights=True)
-  scaling = None
-  if m.rope_scaling != 'none':
+  scaling, theta = None, m.rope_theta
+  if m.rope_scaling == 'ntk':  # Hugging Face has no static NTK type: it is a larger base
+    theta = float(pos_lib.ntk_theta(m))
+  elif m.rope_scaling != 'none':
     scaling = dict(rope_type=m.rope_scaling, factor=m.rope_scaling_factor)
   if m.rope_scaling == 'llama3':
     scaling.update(low_freq_factor=m.rope_low_freq_factor,
@@ -471,7 +484,7 @@ def _hf_config(m: lm_config.ModelConfig, family: str, dtype: np.dtype) -> dict[s
       common, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
       num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
       intermediate_size=m.d_ff, hidden_act='silu', max_position_embeddings=m.max_seq_len,
-      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, rope_scaling=scaling,
+      rms_norm_eps=m.norm_eps, rope_theta=theta, rope_scaling=scaling,
       attention_dropout=m.attn_dropout)
   if family == 'llama':
     config.update(attention_bias=m.use_bias, mlp_bias=m.use_bias)

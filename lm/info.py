@@ -15,6 +15,7 @@ import numpy as np
 
 from lm import config as lm_config
 from lm import model as lm_model
+from lm import optim
 
 # Parameter-path fragments that count as embeddings rather than compute (Kaplan et al., 2020).
 _EMBEDDING_PARAMS = ('embed', 'pos_embed')
@@ -42,6 +43,14 @@ def count_params(model_config: lm_config.ModelConfig) -> dict[str, int]:
       'params_non_embedding': total - embedding,
       'params_active': total - inactive,
   }
+
+
+def count_trainable(config: lm_config.Config) -> int:
+  """Parameters the optimizer updates: all, train.trainable's matches, or LoRA's adapters."""
+  sizes = {path: math.prod(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(
+      param_shapes(config.model), sep='/').items()}
+  trains = optim.trains_fn(config, list(sizes)) or (lambda path: True)
+  return sum(n for path, n in sizes.items() if trains(path))
 
 
 def _is_expert_param(path: tuple[str, ...], m: lm_config.ModelConfig) -> bool:
@@ -74,6 +83,7 @@ def model_info(config: lm_config.Config) -> dict[str, Any]:
   embedding = counts['params_total'] - counts['params_non_embedding']
   return {
       **counts,
+      'params_trainable': count_trainable(config),
       'flops_per_token': flops_per_token(m, config.data.seq_len,
                                          counts['params_active'] - embedding),
       'kv_cache_bytes_per_token': kv_cache_bytes_per_token(m),

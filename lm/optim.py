@@ -16,6 +16,7 @@ import optax
 from optax import contrib as optax_contrib
 
 from lm import config as lm_config
+from lm.model import lora as lora_lib
 
 # Leaf names of token and position tables (nn.Embed); they decay only if decay_embeddings.
 EMBEDDING_LEAVES = ('embedding',)
@@ -89,11 +90,12 @@ def schedule(config: lm_config.Config) -> optax.Schedule:
 
 
 def decays(path: str, decay_embeddings: bool) -> bool:
-  """Weight decay on matmul kernels (and embeddings if asked); never on norms or biases."""
+  """Weight decay on matmul kernels and LoRA matrices (pulled towards the base model), and
+  embeddings if asked; never on norms or biases."""
   leaf = path.rsplit('/', 1)[-1]
   if leaf in EMBEDDING_LEAVES:
     return decay_embeddings
-  return leaf in KERNEL_LEAVES
+  return leaf in KERNEL_LEAVES + lora_lib.LEAVES
 
 
 def decay_mask(params: Any, decay_embeddings: bool) -> Any:
@@ -189,17 +191,36 @@ def make_optimizer(config: lm_config.Config, boxed_params: Any,
     raise ValueError(f'optim.name: {o.name!r} is not one of {", ".join(lm_config.OPTIMIZERS)}.')
   if o.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
-  if not config.train.trainable:
+  trains = trains_fn(config, param_paths(params))
+  if trains is None:
     return tx
-  trains = trainable_fn(config.train.trainable, param_paths(params))
   labels = lambda tree: map_paths(lambda p: 'train' if trains(p) else 'freeze', tree)
   return optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, labels)
 
 
+def trains_fn(config: lm_config.Config, paths: list[str]) -> Callable[[str], bool] | None:
+  """Which parameters train: with LoRA (model.lora.rank > 0) the adapters, plus whatever
+  train.trainable matches; else train.trainable's matches. None: every parameter trains."""
+  patterns = config.train.trainable
+  if not config.model.lora.rank:
+    return trainable_fn(patterns, paths) if patterns else None
+  if not patterns:
+    return lora_lib.is_adapter
+  also = trainable_fn(patterns, paths)
+  return lambda path: lora_lib.is_adapter(path) or also(path)
+
+
 def trainable_mask(config: lm_config.Config, params: Any) -> Any:
   """Tree of bools: which parameters train."""
-  trains = trainable_fn(config.train.trainable, param_paths(params))
+  trains = trains_fn(config, param_paths(params)) or (lambda path: True)
   return map_paths(trains, params)
+
+
+def select(params: Any, keep: Callable[[str], bool]) -> dict[str, Any]:
+  """The sub-tree of the leaves whose path `keep` accepts (a nested dict; empty nodes go)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  return flax.traverse_util.unflatten_dict(
+      {path: leaf for path, leaf in flat.items() if keep(path)}, sep='/')
 
 
 def describe(params: Any, fn: Callable[[str], Any]) -> Mapping[str, Any]:

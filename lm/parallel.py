@@ -7,15 +7,18 @@ Under jax 0.10 `jax.pmap` is a thin wrapper over jit + shard_map; it keeps repli
 data parallelism short, so this strategy uses it.
 
 `parallel.strategy=mesh` (`MeshParallel`): jit over a `jax.sharding.Mesh` with axes MESH_AXES
-(data, fsdp, expert, tensor; sizes parallel.mesh_<axis>, -1 = the devices left over). The
-model's parameters carry logical axis names (nn.with_logical_partitioning); parallel.rules maps
-them to mesh axes (flax logical rules), which gives every parameter a NamedSharding. Optimizer
+(data, fsdp, expert, context, tensor; sizes parallel.mesh_<axis>, -1 = the devices left over).
+The model's parameters carry logical axis names (nn.with_logical_partitioning); parallel.rules
+maps them to mesh axes (flax logical rules), which gives every parameter a NamedSharding. Optimizer
 state leaves that mirror a parameter (same path suffix and shape: Adam's moments, Muon's
 momentum) share its sharding; the rest (counts, Adafactor's factored rows and columns) are
-replicated. The batch is split over the mesh axes of rules.batch; XLA's SPMD partitioner
-derives every activation's sharding from those of the inputs and inserts the collectives, so
-the step is the same pure function as on one device (no axis name, no psum). The state is
-built already sharded (jit with out_shardings), never first on one device.
+replicated. The batch is split over the mesh axes of rules.batch, and the sequence over those
+of rules.length (default 'context'); XLA's SPMD partitioner derives every activation's sharding
+from those of the inputs and inserts the collectives, so the step is the same pure function as
+on one device (no axis name, no psum). The one exception is attention over a sequence split
+over 'context' (parallel.mesh_context > 1): the model runs ring attention (lm/model/ring.py),
+which finds the mesh because steps are traced under it (jax.set_mesh). The state is built
+already sharded (jit with out_shardings), never first on one device.
 
 Multi-host (`initialize`): jax.distributed from parallel.coordinator_address / num_processes /
 process_id, or what JAX detects (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, Cloud TPU). Each
@@ -215,6 +218,7 @@ class MeshParallel:
 
   mesh: jax.sharding.Mesh
   batch_axes: tuple[str, ...]  # mesh axes the batch (rules.batch) is split over
+  length_axes: tuple[str, ...]  # mesh axes the sequence (rules.length) is split over
   param_shardings: dict[str, tuple[tuple[int, ...], jax.NamedSharding]]  # path -> shape, sharding
   d_model: int  # width of the residual stream, whose batch sharding compile() pins
 
@@ -229,7 +233,15 @@ class MeshParallel:
     shards = math.prod(sizes[axis] for axis in batch_axes)
     over = ' x '.join(f'mesh_{axis}' for axis in batch_axes) or 'no mesh axis'
     lm_config.check_devices(config, shards, over=f'batch shards ({over}, parallel.rules.batch)')
-    return cls(mesh, batch_axes, _param_shardings(config.model, p, mesh), config.model.d_model)
+    length_axes = lm_config.mesh_axes(dict(p.rules)['length'])
+    chunks = math.prod(sizes[axis] for axis in length_axes)
+    if config.data.seq_len % chunks:
+      over = ' x '.join(f'mesh_{axis}={sizes[axis]}' for axis in length_axes)
+      raise ValueError(
+          f'data.seq_len={config.data.seq_len} does not split over {over} ({chunks} chunks, '
+          f'parallel.rules.length). Use a multiple of {chunks} for data.seq_len.')
+    return cls(mesh, batch_axes, length_axes, _param_shardings(config.model, p, mesh),
+               config.model.d_model)
 
   @property
   def devices(self) -> tuple[jax.Device, ...]:
@@ -272,16 +284,17 @@ class MeshParallel:
     everything fn returns without `state`, come back replicated (metrics, sums).
 
     The residual stream (every module output shaped [B, T, d_model]) is pinned to the batch
-    sharding. Left alone, XLA's propagation follows FSDP's weights (sharded along d_model) and
-    all-reduces full-batch activations; pinned, it all-gathers each weight where it is used.
+    (and sequence) sharding. Left alone, XLA's propagation follows FSDP's weights (sharded
+    along d_model) and all-reduces full-batch activations; pinned, it all-gathers each weight
+    where it is used. fn is traced under the mesh (jax.set_mesh), where ring attention finds it.
     """
     if state is None:
       out_shardings = self.replicated
     else:
       out_shardings = (jax.tree.map(lambda x: x.sharding, state), self.replicated)
     jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums)
-    return _Traced(jitted, functools.partial(_pin_residual, jax.NamedSharding(
-        self.mesh, P(self.batch_axes or None, None, None)), self.d_model))
+    return _Traced(jitted, self.mesh, functools.partial(_pin_residual, jax.NamedSharding(
+        self.mesh, P(self.batch_axes or None, self.length_axes or None, None)), self.d_model))
 
   def init(self, fn: Callable[[Any], Any], params: Any = None) -> Any:
     """The state fn(params) builds, created sharded: each device computes only its shards.
@@ -339,13 +352,18 @@ class MeshParallel:
 
   def shard(self, batch: dict[str, np.ndarray], batch_axis: int = 0) -> dict[str, Any]:
     """This process's rows of a batch -> global arrays with `batch_axis` split over the
-    mesh's batch axes ([K, B, T] with batch_axis=1 stays [K, B, T], B sharded)."""
+    mesh's batch axes and the last axis, the sequence, over its length axes ([K, B, T] with
+    batch_axis=1 stays [K, B, T], B and T sharded; DPO's [K, B, 2, T] keeps its pairs whole)."""
     _, count = self._host_block
-    sharding = jax.NamedSharding(self.mesh, P(*(None,) * batch_axis, self.batch_axes or None))
 
     def put(x: np.ndarray) -> jax.Array:
       x = np.asarray(x)
       shape = (*x.shape[:batch_axis], x.shape[batch_axis] * count, *x.shape[batch_axis + 1:])
+      spec = [None] * x.ndim
+      spec[batch_axis] = self.batch_axes or None
+      if x.ndim > batch_axis + 1:
+        spec[-1] = self.length_axes or None
+      sharding = jax.NamedSharding(self.mesh, P(*spec))
       return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(put, batch)
@@ -357,17 +375,19 @@ class MeshParallel:
 
 @dataclasses.dataclass(frozen=True)
 class _Traced:
-  """A jitted function traced (called or lowered) under a flax method interceptor."""
+  """A jitted function traced (called or lowered) under its mesh and a flax method
+  interceptor."""
 
   jitted: Any
+  mesh: jax.sharding.Mesh
   interceptor: Callable[..., Any]
 
   def __call__(self, *args: Any) -> Any:
-    with nn.intercept_methods(self.interceptor):
+    with jax.set_mesh(self.mesh), nn.intercept_methods(self.interceptor):
       return self.jitted(*args)
 
   def lower(self, *args: Any) -> Any:
-    with nn.intercept_methods(self.interceptor):
+    with jax.set_mesh(self.mesh), nn.intercept_methods(self.interceptor):
       return self.jitted.lower(*args)
 
 

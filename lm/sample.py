@@ -222,7 +222,7 @@ def _until_eos(tokens_N: np.ndarray, eos_id: int) -> list[int]:
   return tokens_N[:ends[0] if len(ends) else len(tokens_N)].tolist()
 
 
-class _Continuation:
+class Continuation:
   """Decodes one row's continuation: the text after the prompt, cut at a stop string."""
 
   def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: str):
@@ -277,7 +277,7 @@ def generate(model: lm_model.Transformer, params: Any, tokenizer: Any, prompts: 
   eos = tokenizer.eos_id
   ids = [fit_prompt([eos] + tokenizer.encode(p), max_new_tokens, context_length(model.config))
          for p in prompts]
-  rows = [_Continuation(tokenizer, row[1:] if row[0] == eos else row, stop) for row in ids]
+  rows = [Continuation(tokenizer, row[1:] if row[0] == eos else row, stop) for row in ids]
   streamer = _Streamer(stream, stop) if stream is not None else None
 
   def on_chunk(tokens_BxS: np.ndarray) -> bool:

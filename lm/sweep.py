@@ -345,7 +345,9 @@ def run_status(run_dir: str, run: Run, config: lm_config.Config) -> str:
                        'sweep. Move it away or use another --workdir.')
     return 'new'
   now = json.loads(json.dumps(config.to_dict()))
-  changed = _first_difference(record.get('config'), now)
+  saved = record.get('config')
+  changed = _first_difference(
+      lm_config.with_added_keys(saved) if isinstance(saved, dict) else saved, now)
   if changed:
     raise ValueError(f'{run_dir} was started with another config ({changed}). Use a new '
                      '--workdir for the changed sweep, or delete that run folder to redo it.')
@@ -484,7 +486,7 @@ def _row(run_dir: str, record: Mapping[str, Any]) -> dict[str, Any]:
   if record['status'] != 'done':
     row['error'] = record.get('error', '')
     return row
-  config = lm_config.Config.from_config_dict(_saved_config(run_dir))
+  config = lm_config.Config.from_saved(_saved_config(run_dir))
   row.update(costs(config))
   curve = _eval_curve(run_dir)
   final = _eval_result(run_dir, record['step'])
@@ -492,6 +494,8 @@ def _row(run_dir: str, record: Mapping[str, Any]) -> dict[str, Any]:
              best_val_loss=min([loss for _, loss in curve] + [final.get('loss', math.inf)]),
              bits_per_byte=final.get('bits_per_byte'), tokens_per_sec=_tokens_per_sec(run_dir),
              wall_seconds=record.get('wall_seconds'), curve=curve)
+  if 'exact_match' in final:  # eval.task
+    row['exact_match'] = final['exact_match']
   for seq_len, result in sorted(final.get('seq_lens', {}).items(), key=lambda kv: int(kv[0])):
     row[f'loss@{seq_len}'] = result['loss']
   row.update({k: v for k, v in record.get('measurements', {}).items() if not isinstance(v, list)})
@@ -578,7 +582,8 @@ def _pm(value: tuple[float, float | None] | None, digits: int) -> str:
 _TABLE = (('params_non_embedding', 'non-emb params', 0), ('params_active', 'active params', 0),
           ('train_flops', 'train FLOPs', 0),
           ('final_val_loss', 'val loss', 4), ('best_val_loss', 'best val loss', 4),
-          ('bits_per_byte', 'bits/byte', 4), ('tokens_per_sec', 'tokens/s', 0),
+          ('bits_per_byte', 'bits/byte', 4), ('exact_match', 'task exact match', 3),
+          ('tokens_per_sec', 'tokens/s', 0),
           ('kv_cache_bytes_per_token', 'KV-cache bytes/token', 0),
           ('decode_tokens_per_sec', 'decode tokens/s', 0),
           ('expert_load_max', 'busiest expert load (1 = even)', 3),

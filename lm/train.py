@@ -5,7 +5,8 @@ see lm.parallel) with the state's buffers donated, and runs train.steps_per_call
 steps per call under lax.scan. Gradients are token-weighted over the whole global batch: each
 device and micro-batch differentiates its weighted cross-entropy sum divided by the global
 weight, so the sum of those gradients over micro-batches and devices (lax.psum under pmap;
-implicit under the mesh's jit) is exactly the large-batch gradient. A non-finite loss,
+implicit under the mesh's jit) is exactly the large-batch gradient. With data.format=preference
+the objective is DPO's (lm.dpo) on pairs [B, 2, T], weighted per pair instead. A non-finite loss,
 gradient or update keeps the previous parameters and optimizer state (the step counter still
 advances past the bad batch, the optimizer's own count and schedule do not).
 
@@ -37,11 +38,13 @@ import optax
 
 from lm import checkpoint as ckpt_lib
 from lm import config as lm_config
+from lm import dpo
 from lm import info as info_lib
 from lm import metrics as metrics_lib
 from lm import model as lm_model
 from lm import optim
 from lm import parallel
+from lm.model import lora as lora_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +61,9 @@ class StepOptions:
   router_aux_loss_weight: float = 0.0
   router_z_loss_weight: float = 0.0
   frozen: tuple[bool, ...] | None = None  # per parameter leaf (tree order): no gradient
+  objective: str = 'lm'  # lm: weighted cross-entropy; dpo: preference pairs [B, 2, T] (lm.dpo)
+  dpo_beta: float = 0.1
+  dpo_reference: str = 'copy'  # dpo: copy (state.ref_params) | adapters_off (LoRA's lora_b = 0)
 
 
 class TrainState(struct.PyTreeNode):
@@ -71,6 +77,9 @@ class TrainState(struct.PyTreeNode):
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   lr: optax.Schedule = struct.field(pytree_node=False)
   options: StepOptions = struct.field(pytree_node=False, default=StepOptions())
+  # DPO without LoRA: the frozen starting parameters, never updated nor in the optimizer (nor
+  # checkpointed: a resumed run reloads them from train.init_from). None otherwise.
+  ref_params: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,25 +106,58 @@ def weighted_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
   return jnp.sum(ce_BxT * weights_BxT.astype(jnp.float32))
 
 
+def _rows(batch: Mapping[str, jax.Array], options: StepOptions) -> Mapping[str, jax.Array]:
+  """The model's input rows: DPO's pairs [B, 2, T] flattened to [2B, T]."""
+  if options.objective == 'dpo':
+    return {k: dpo.flatten_pairs(v) for k, v in batch.items()}
+  return batch
+
+
+def loss_weight(batch: Mapping[str, jax.Array], options: StepOptions) -> jax.Array:
+  """What this device's loss sum is divided by (before summing over devices): target weights,
+  or DPO's real pairs."""
+  if options.objective == 'dpo':
+    return jnp.sum(dpo.pair_mask(batch['weights']))
+  return jnp.sum(batch['weights'].astype(jnp.float32))
+
+
+def _loss_sums(state: TrainState, params: Any, batch: Mapping[str, jax.Array],
+               rows: Mapping[str, jax.Array], logits_NxTxV: jax.Array) -> dict[str, jax.Array]:
+  """{'loss_sum': ...} plus DPO's reward sums: what the objective and the metrics add up."""
+  o = state.options
+  if o.objective != 'dpo':
+    return {'loss_sum': weighted_cross_entropy(logits_NxTxV, rows['targets'], rows['weights'])}
+  logp_Bx2 = dpo.sequence_logprobs(logits_NxTxV, rows['targets'], rows['weights']).reshape(-1, 2)
+  # The reference: computed here each step, never differentiated, always without dropout.
+  ref_params = state.ref_params if o.dpo_reference == 'copy' else dpo.adapters_off(params)
+  ref_logits_NxTxV = state.apply_fn({'params': jax.lax.stop_gradient(ref_params)},
+                                    rows['inputs'], **_model_inputs(rows), deterministic=True)
+  ref_logp_Bx2 = jax.lax.stop_gradient(dpo.sequence_logprobs(
+      ref_logits_NxTxV, rows['targets'], rows['weights']).reshape(-1, 2))
+  loss_B, reward_Bx2 = dpo.dpo_loss(logp_Bx2, ref_logp_Bx2, o.dpo_beta)
+  return dpo.pair_sums(loss_B, reward_Bx2, dpo.pair_mask(batch['weights']))
+
+
 def _objective(params: Any, state: TrainState, batch: Mapping[str, jax.Array],
                weight_total: jax.Array, moe_scale: float,
                rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """This device's micro-batch share of the global loss: ce_sum / W_global + MoE / shards."""
+  """This device's micro-batch share of the global loss: loss_sum / W_global + MoE / shards."""
   o = state.options
   if o.frozen is not None:
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jax.lax.stop_gradient(x) if f else x for x, f in zip(leaves, o.frozen)]
     params = jax.tree.unflatten(treedef, leaves)
-  logits_BxTxV, variables = state.apply_fn(
-      {'params': params}, batch['inputs'], **_model_inputs(batch),
+  rows = _rows(batch, o)
+  logits_NxTxV, variables = state.apply_fn(
+      {'params': params}, rows['inputs'], **_model_inputs(rows),
       deterministic=rng is None, rngs=None if rng is None else {'dropout': rng},
       mutable=['losses', 'intermediates'])
-  ce_sum = weighted_cross_entropy(logits_BxTxV, batch['targets'], batch['weights'])
+  sums = _loss_sums(state, params, batch, rows, logits_NxTxV)
   moe = lm_model.moe_losses(variables)
   moe_loss = (o.router_aux_loss_weight * moe['router_aux_loss']
               + o.router_z_loss_weight * moe['router_z_loss'])
-  objective = ce_sum / weight_total + moe_loss * moe_scale
-  return objective, {'ce_sum': ce_sum, **moe}
+  objective = sums['loss_sum'] / weight_total + moe_loss * moe_scale
+  return objective, {**sums, **moe}
 
 
 def _gradients(state: TrainState, batch: Mapping[str, jax.Array], weight_total: jax.Array,
@@ -141,9 +183,9 @@ def _gradients(state: TrainState, batch: Mapping[str, jax.Array], weight_total: 
                            micro_rng)
     return jax.tree.map(jnp.add, carry, (grads, stats)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, (state.params, {
-      'ce_sum': jnp.zeros((), jnp.float32), 'router_aux_loss': jnp.zeros((), jnp.float32),
-      'router_z_loss': jnp.zeros((), jnp.float32)}))
+  shapes = jax.eval_shape(grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro),
+                          weight_total, moe_scale, rng)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
   (grads, stats), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(o.grad_accum), micro))
   stats = dict(stats, router_aux_loss=stats['router_aux_loss'] / o.grad_accum,
                router_z_loss=stats['router_z_loss'] / o.grad_accum)
@@ -153,8 +195,7 @@ def _gradients(state: TrainState, batch: Mapping[str, jax.Array], weight_total: 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
   """One optimizer step on this device's share [B_local, T] of the global batch."""
   o = state.options
-  weight_total = _psum(jnp.sum(batch['weights'].astype(jnp.float32)), o.axis_name)
-  weight_total = jnp.maximum(weight_total, 1e-9)
+  weight_total = jnp.maximum(_psum(loss_weight(batch, o), o.axis_name), 1e-9)
   rng = None
   if o.dropout:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -162,7 +203,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Train
       rng = jax.random.fold_in(rng, jax.lax.axis_index(o.axis_name))
   grads, stats = _gradients(state, batch, weight_total, rng)
   grads = _psum(grads, o.axis_name)
-  loss = _psum(stats['ce_sum'], o.axis_name) / weight_total
+  # Means over the global batch (DPO: reward_accuracy, reward_margin, ... over pairs).
+  means = {k[:-len('_sum')]: v / weight_total for k, v in _psum(
+      {k: v for k, v in stats.items() if k.endswith('_sum')}, o.axis_name).items()}
+  loss = means.pop('loss')
   moe = _pmean({k: stats[k] for k in ('router_aux_loss', 'router_z_loss')}, o.axis_name)
 
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -173,13 +217,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Train
   params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
   metrics = {
       'loss': loss,
+      **means,
       'router_aux_loss': moe['router_aux_loss'],
       'router_z_loss': moe['router_z_loss'],
       'grad_norm': grad_norm,
       'update_norm': jnp.where(finite, update_norm, 0.0),
       'param_norm': optax.tree.norm(params),
       'lr': jnp.asarray(state.lr(state.step), jnp.float32),
-      'tokens': weight_total,
+      'tokens': weight_total if o.objective == 'lm' else _psum(
+          jnp.sum(batch['weights'].astype(jnp.float32)), o.axis_name),
       'skipped': (~finite).astype(jnp.int32),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -192,11 +238,13 @@ def train_steps(state: TrainState, batches: Mapping[str, jax.Array]) -> tuple[Tr
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Weighted loss sum and weight of a validation batch, summed over devices."""
-  logits_BxTxV = state.apply_fn({'params': state.params}, batch['inputs'],
-                                **_model_inputs(batch), deterministic=True)
-  sums = {'loss_sum': weighted_cross_entropy(logits_BxTxV, batch['targets'], batch['weights']),
-          'weight_sum': jnp.sum(batch['weights'].astype(jnp.float32))}
+  """Loss sums and the weight they divide by (DPO: pairs) of a validation batch, summed over
+  devices."""
+  rows = _rows(batch, state.options)
+  logits_NxTxV = state.apply_fn({'params': state.params}, rows['inputs'],
+                                **_model_inputs(rows), deterministic=True)
+  sums = dict(_loss_sums(state, state.params, batch, rows, logits_NxTxV),
+              weight_sum=loss_weight(batch, state.options))
   return _psum(sums, state.options.axis_name)
 
 
@@ -205,15 +253,20 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, ja
 
 
 def step_options(config: lm_config.Config, axis_name: str | None,
-                 frozen: tuple[bool, ...] | None = None) -> StepOptions:
+                 frozen: tuple[bool, ...] | None = None,
+                 dpo_reference: str = 'copy') -> StepOptions:
   m = config.model
   return StepOptions(
       grad_accum=config.train.grad_accum,
       axis_name=axis_name,
-      dropout=max(m.embed_dropout, m.attn_dropout, m.resid_dropout) > 0,
+      dropout=max(m.embed_dropout, m.attn_dropout, m.resid_dropout,
+                  m.lora.dropout if m.lora.rank else 0.0) > 0,
       router_aux_loss_weight=m.router_aux_loss_weight if m.ffn == 'moe' else 0.0,
       router_z_loss_weight=m.router_z_loss_weight if m.ffn == 'moe' else 0.0,
-      frozen=frozen)
+      frozen=frozen,
+      objective='dpo' if config.data.format == 'preference' else 'lm',
+      dpo_beta=config.train.dpo_beta,
+      dpo_reference=dpo_reference)
 
 
 abstract_params = parallel.abstract_params  # boxed parameter shapes (logical axis names)
@@ -229,6 +282,25 @@ def _init_fn(model_config: lm_config.ModelConfig) -> Callable[[jax.Array], Any]:
 def init_params(model_config: lm_config.ModelConfig, seed: int) -> Any:
   """Fresh parameters (unboxed) on the default device; the same for the same seed."""
   return _init_fn(model_config)(jax.random.fold_in(jax.random.key(seed), 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_adapters_fn(model_config: lm_config.ModelConfig) -> Callable[[jax.Array], Any]:
+  init = _init_fn(model_config)
+  return jax.jit(lambda key: optim.select(init(key), lora_lib.is_adapter))
+
+
+def init_adapters(model_config: lm_config.ModelConfig, seed: int) -> Any:
+  """init_params' LoRA adapters alone (jit drops the rest of the initialisation)."""
+  return _init_adapters_fn(model_config)(jax.random.fold_in(jax.random.key(seed), 0))
+
+
+def saved_params(config: lm_config.Config, params: Any) -> Any:
+  """What a checkpoint holds: every parameter; with LoRA only those that train (the base
+  stays where train.init_from points, BASE_KEY in the checkpoint's meta)."""
+  if not config.model.lora.rank:
+    return params
+  return optim.select(params, optim.trains_fn(config, optim.param_paths(params)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -247,9 +319,16 @@ def create_state(config: lm_config.Config, params: Any | None = None,
   apply_fn, tx, lr = _static_fields(config)
   if params is None:
     params = init_params(config.model, config.seed)
+  elif config.model.lora.rank and not any(map(lora_lib.is_adapter, optim.param_paths(params))):
+    params = ckpt_lib.overlay(init_adapters(config.model, config.seed), params)  # the base's
   frozen = None
-  if config.train.trainable:
+  if config.train.trainable or config.model.lora.rank:
     frozen = tuple(not t for t in jax.tree.leaves(optim.trainable_mask(config, params)))
+  # DPO's reference: LoRA switches its adapters off; otherwise a copy of the starting params
+  # (a separate buffer: params are donated and updated, the reference never).
+  reference, ref_params = 'adapters_off' if dpo.has_adapters(params) else 'copy', None
+  if config.data.format == 'preference' and reference == 'copy':
+    ref_params = jax.tree.map(jnp.array, params)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -258,18 +337,55 @@ def create_state(config: lm_config.Config, params: Any | None = None,
       apply_fn=apply_fn,
       tx=tx,
       lr=lr,
-      options=step_options(config, axis_name, frozen))
+      options=step_options(config, axis_name, frozen, reference),
+      ref_params=ref_params)
 
 
-def parse_init_from(value: str) -> tuple[str, int | str]:
-  """'DIR' -> (DIR, 'latest'); 'DIR:1000' or 'DIR:best' -> (DIR, 1000 | 'best');
-  'hf:PATH' (a Hugging Face checkpoint directory) -> (PATH, 'hf')."""
-  if value.startswith('hf:'):
-    return value[len('hf:'):], 'hf'
-  directory, sep, step = value.rpartition(':')
-  if sep and (step.isdigit() or step in ('best', 'latest')):
-    return directory, int(step) if step.isdigit() else step
-  return value, 'latest'
+def finetune_config(config: lm_config.Config, directory: str,
+                    workdir: str) -> lm_config.Config:
+  """For train.init_from=DIR: DIR's model, and its tokenizer copied into this run's workdir.
+
+  A fine-tuning config (SFT, DPO) then need not repeat the architecture, and its data is
+  tokenized into the ids the model learned. Of the given model section only how to run and
+  train it is used (lm.hf's RUNTIME_KEYS and TRAINING_KEYS, but the checkpoint's scan_layers,
+  which decides its parameter layout) and LoRA's settings. A checkpoint folder without a
+  config.json keeps the given model, whose shapes the restore then checks.
+  """
+  from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy)
+
+  if not os.path.isfile(os.path.join(directory, ckpt_lib.CONFIG_FILE)):
+    return config
+  saved = ckpt_lib.load_config(directory)
+  data = dataclasses.replace(config.data, tokenizer=saved.data.tokenizer)
+  config = dataclasses.replace(config, model=finetune_model(saved.model, config.model), data=data)
+  lm_config.validate(config)
+  source = os.path.join(directory, lm_data.pipeline.TOKENIZER_DIR)
+  target = os.path.join(workdir, lm_data.pipeline.TOKENIZER_DIR)
+  if os.path.isdir(source) and not os.path.isdir(target):
+    lm_data.load_tokenizer(source).save(target)
+  return config
+
+
+def finetune_model(saved: lm_config.ModelConfig,
+                   given: lm_config.ModelConfig) -> lm_config.ModelConfig:
+  """The model a fine-tuning config trains: `saved`, with how to run and train it from `given`.
+
+  Keys that change no parameter (lm.config.INFERENCE_KEYS: RoPE scaling, context length,
+  window, ...) also come from `given`, with a warning where they differ: fine-tuning at a
+  longer context is how a model's context is extended.
+  """
+  from lm import hf  # pylint: disable=g-import-not-at-top (only its key lists)
+
+  keys = dict.fromkeys(hf.RUNTIME_KEYS + hf.TRAINING_KEYS + lm_config.INFERENCE_KEYS + ('lora',))
+  keys.pop('scan_layers')
+  for key in lm_config.INFERENCE_KEYS:
+    if getattr(given, key) != getattr(saved, key):
+      logging.warning('Fine-tuning with model.%s=%r (the checkpoint was trained with %r).', key,
+                      getattr(given, key), getattr(saved, key))
+  return dataclasses.replace(saved, **{k: getattr(given, k) for k in keys})
+
+
+parse_init_from = ckpt_lib.parse_init_from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,18 +447,22 @@ class _Preemption:
 
 def evaluate(eval_fn: Callable, state: TrainState, data: Any, config: lm_config.Config,
              strategy: parallel.Strategy, max_batches: int = 0) -> dict[str, float]:
-  """Validation loss over the split (or its first max_batches batches), token-weighted."""
-  loss_sum, weight_sum = 0.0, 0.0
+  """Validation loss over the split (or its first max_batches batches), token-weighted (DPO:
+  the mean over pairs, with reward accuracy and margin)."""
+  totals: dict[str, float] = {}
   index, count = strategy.host_share(config.eval.batch_size)
   batches = data.eval_batches(config.eval.batch_size, process_index=index, process_count=count)
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
     sums = strategy.first(eval_fn(state, strategy.shard(batch)))
-    loss_sum += float(sums['loss_sum'])
-    weight_sum += float(sums['weight_sum'])
-  loss = loss_sum / max(weight_sum, 1e-9)
+    for key, value in sums.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+  weight_sum = totals.pop('weight_sum', 0.0)
+  loss = totals.pop('loss_sum', 0.0) / max(weight_sum, 1e-9)
   result = {'eval/loss': loss, 'eval/tokens': weight_sum}
+  result.update({f'eval/{k[:-len("_sum")]}': v / max(weight_sum, 1e-9)
+                 for k, v in totals.items()})
   if getattr(data, 'bytes_per_token', 0):
     result['eval/bits_per_byte'] = loss / math.log(2) / data.bytes_per_token
   return result
@@ -389,7 +509,8 @@ class _Monitor:
   def __init__(self, config: lm_config.Config, strategy: parallel.Strategy, bar: Any,
                flops_per_token: float, peak_flops: float, checkpoint_dir: str):
     self._config, self._strategy, self._bar = config, strategy, bar
-    self._tokens_per_step = config.train.batch_size * config.data.seq_len
+    pair = 2 if config.data.format == 'preference' else 1  # DPO's batch_size counts pairs
+    self._tokens_per_step = pair * config.train.batch_size * config.data.seq_len
     self._flops_per_token, self._peak = flops_per_token, peak_flops
     self._checkpoint_dir = checkpoint_dir
     self.timer = _Timer()
@@ -456,6 +577,8 @@ def train(config: lm_config.Config, workdir: str, *,
   if hf_step == 'hf':  # the checkpoint's model and tokenizer, not the config's
     from lm import hf  # pylint: disable=g-import-not-at-top (fine-tuning only)
     config = hf.finetune_config(config, hf_path, workdir)
+  elif config.train.init_from:  # the same for another lm run
+    config = finetune_config(config, hf_path, workdir)
   if data is None:
     data = lm_data.prepare(config, workdir)
   config = dataclasses.replace(
@@ -466,6 +589,7 @@ def train(config: lm_config.Config, workdir: str, *,
   t, total = config.train, config.train.steps
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+  config = _pin_lora_base(config, checkpointer)
   state, resumed = _initial_state(config, checkpointer, strategy)
   if chief:  # after the resume fits: a mismatched config must not replace the run's config.json
     ckpt_lib.save_config(workdir, config)
@@ -555,11 +679,45 @@ def _save(checkpointer: ckpt_lib.Checkpointer, strategy: parallel.Strategy,
           state: TrainState, step: int, config: lm_config.Config,
           eval_loss: float | None) -> None:
   """Every process calls this: orbax writes each process's shards (pmap: one host copy)."""
-  params, opt_state = strategy.for_checkpoint((state.params, state.opt_state))
+  params, opt_state = strategy.for_checkpoint((saved_params(config, state.params),
+                                               state.opt_state))
   rng = strategy.first(state.rng)
   meta = {'rng': [int(x) for x in np.asarray(rng).reshape(-1)], 'data_step': step,
           'config': config.to_dict()}
+  if config.model.lora.rank:
+    meta[ckpt_lib.BASE_KEY] = config.train.init_from  # pinned by _pin_lora_base
   checkpointer.save(step, params, opt_state, meta, eval_loss)
+
+
+def _pin_lora_base(config: lm_config.Config,
+                   checkpointer: ckpt_lib.Checkpointer) -> lm_config.Config:
+  """LoRA: train.init_from made the exact base the adapters belong to (saved with each step).
+
+  A new run pins 'DIR' or 'DIR:best' to '/abs/DIR:STEP'; a resumed run keeps its checkpoints'
+  base, whatever the base run's latest step has become since.
+  """
+  if not config.model.lora.rank:
+    return config
+  latest = checkpointer.latest_step()
+  if latest is None:
+    if not config.train.init_from:
+      raise ValueError(
+          f'model.lora.rank={config.model.lora.rank} trains adapters on a base model, but '
+          'train.init_from is empty: LoRA on random weights would adapt noise, and its '
+          'checkpoints would name no base to restore. Set --config.train.init_from=DIR[:step] '
+          '(an lm run) or hf:PATH (a Hugging Face checkpoint).')
+    base = ckpt_lib.pin_init_from(config.train.init_from)
+  else:
+    base = checkpointer.meta(latest).get(ckpt_lib.BASE_KEY)
+    if base is None:
+      raise ValueError(
+          f'model.lora.rank={config.model.lora.rank}, but the checkpoints in '
+          f'{ckpt_lib.checkpoint_dir(checkpointer.workdir)} are a run without LoRA. Resume it '
+          'without LoRA, or train the adapters in a new workdir with --config.train.init_from='
+          f'{checkpointer.workdir}.')
+    if base != config.train.init_from:
+      logging.info('Resuming on the base the checkpoints were trained on, %s.', base)
+  return dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=base))
 
 
 def _initial_state(config: lm_config.Config, checkpointer: ckpt_lib.Checkpointer,
@@ -575,23 +733,40 @@ def _initial_state(config: lm_config.Config, checkpointer: ckpt_lib.Checkpointer
   init = functools.partial(create_state, config, axis_name=strategy.axis_name)
   latest = checkpointer.latest_step()
   if latest is None:
-    params = None
-    if config.train.init_from:
-      directory, step = parse_init_from(config.train.init_from)
-      if step == 'hf':
-        from lm import hf  # pylint: disable=g-import-not-at-top (fine-tuning only)
-        params = hf.load_params(directory, config.model)
-        logging.info('Initialised from the Hugging Face checkpoint %s.', directory)
+    params = _starting_params(config)
+    if config.data.format == 'preference':
+      if params is None:
+        logging.warning('DPO without train.init_from: the reference model is the random '
+                        'initialisation. Set train.init_from to the SFT run to start from.')
       else:
-        params, found = ckpt_lib.restore_params(directory, step, config.model)
-        logging.info('Initialised from %s step %d.', directory, found)
+        dpo.check_reference_start(params)
     return strategy.init(init, params), False
   abstract = jax.eval_shape(init)
   target = strategy.target(abstract)
-  params, opt_state, meta = checkpointer.restore(latest, target.params, target.opt_state)
+  params, opt_state, meta = checkpointer.restore(latest, saved_params(config, target.params),
+                                                 target.opt_state)
+  if config.model.lora.rank:  # the checkpoint holds what trains; the rest is its base's
+    base, _ = ckpt_lib.restore_params(checkpointer.workdir, latest, config.model)
+    params = ckpt_lib.overlay(base, params)
   rng = np.asarray(meta['rng'], np.uint32).reshape(abstract.rng.shape)
+  ref_params = None
+  if abstract.ref_params is not None:  # DPO's reference is not saved: it is the starting model
+    ref_params = _starting_params(config)
+    if ref_params is None:
+      ref_params = init_params(config.model, config.seed)
   return strategy.put(abstract.replace(step=np.asarray(latest, np.int32), params=params,
-                                       opt_state=opt_state, rng=rng)), True
+                                       opt_state=opt_state, rng=rng, ref_params=ref_params)), True
+
+
+def _starting_params(config: lm_config.Config) -> Any | None:
+  """The parameters of train.init_from as host arrays, or None for a random initialisation.
+  With LoRA, the base model's alone: create_state adds the adapters."""
+  if not config.train.init_from:
+    return None
+  params, source = ckpt_lib.load_init_from(config.train.init_from,
+                                           lora_lib.without_lora(config.model))
+  logging.info('Initialised from %s.', source)
+  return params
 
 
 def main(config: lm_config.Config, workdir: str) -> None:

@@ -319,6 +319,18 @@ def test_xla_matches_dot_product_attention(pos_emb, kv_heads, window):
                              Attention(xla).apply({'params': params}, x, pos, seg), atol=1e-5)
 
 
+def test_cudnn_is_refused_off_gpu_and_outside_16_bits():
+  with pytest.raises(ValueError, match='computes in 16 bits only'):
+    model_config(attention_impl='cudnn')
+  with pytest.raises(ValueError, match='no logit soft cap'):
+    model_config(attention_impl='cudnn', dtype='bfloat16', attn_logit_softcap=30.0)
+  config = model_config(attention_impl='cudnn', dtype='bfloat16')
+  x, pos = inputs()
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match='needs an NVIDIA GPU'):
+      init(config, x, pos)
+
+
 def test_dropout():
   config = model_config(attn_dropout=0.5)
   x, pos = inputs()

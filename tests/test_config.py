@@ -37,6 +37,44 @@ def test_round_trips_through_json():
   assert again == config
 
 
+def _drop(raw, added):
+  """`raw` without the keys of `added` (nested)."""
+  raw = dict(raw)
+  for key, value in added.items():
+    if isinstance(value, dict) and isinstance(raw.get(key), dict):
+      raw[key] = _drop(raw[key], value)
+      if not raw[key]:
+        del raw[key]
+    else:
+      raw.pop(key, None)
+  return raw
+
+
+def test_saved_configs_from_older_versions_still_load():
+  saved = lm_config.Config.from_config_dict(base.get_config()).to_dict()
+  old = _drop(saved, lm_config.ADDED_KEYS)
+  with pytest.raises(ValueError, match='missing'):
+    lm_config.Config.from_config_dict(old)
+  config = lm_config.Config.from_saved(old)
+  # What an old run left out means what it did then, not whatever base.py says today.
+  assert dict(config.parallel.rules) == {**{axis: '' for axis in lm_config.LOGICAL_AXES},
+                                         'length': 'context'}
+  assert config.model.attention_pattern == 'full'
+  # Present keys win, and a key nobody knows is still an error.
+  assert lm_config.Config.from_saved(saved) == lm_config.Config.from_config_dict(saved)
+  with pytest.raises(ValueError, match='Unknown config key model.d_modle'):
+    lm_config.Config.from_saved(dict(old, model=dict(old['model'], d_modle=3)))
+
+
+def test_added_keys_exist_in_base():
+  def walk(added, values, where):
+    for key, value in added.items():
+      assert key in values, f'ADDED_KEYS names {where}{key}, which base.py lacks'
+      if isinstance(value, dict):
+        walk(value, values[key], f'{where}{key}.')
+  walk(lm_config.ADDED_KEYS, base.get_config().to_dict(), '')
+
+
 def test_unknown_key_suggests_nearest():
   cd = base.get_config()
   cd.model.num_hedas = 4

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from lm import checkpoint
 from lm import data as lm_data
 from lm import evaluate
 from lm import metrics
+from lm import model as lm_model
 from tests import trained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,3 +144,56 @@ def test_cli(run, tmp_path):
   bad = subprocess.run(command + ['--step=7'], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode != 0 and 'Available steps: 10, 20' in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Task evaluation.
+
+
+def test_task_exact_match_greedy_with_the_kv_cache(run, tmp_path):
+  directory, workdir = run
+  params, _ = checkpoint.restore_params(workdir, 20)
+  model = lm_model.Transformer(checkpoint.load_config(workdir).model)
+  tokenizer = lm_data.load_tokenizer(workdir)
+
+  def greedy(prompt, new_tokens=6):
+    """The fixed model's answer by full forward passes, without a cache."""
+    ids, new = [tokenizer.eos_id] + tokenizer.encode(prompt), []
+    for _ in range(new_tokens):
+      token = int(np.argmax(model.apply({'params': params}, np.array([ids + new]))[0, -1]))
+      if token == tokenizer.eos_id:
+        break
+      new.append(token)
+    return tokenizer.decode(new)
+
+  prompts = ['alpha beta', 'gamma', 'zeta alpha beta gamma', 'delta.']
+  answers = [greedy(p) for p in prompts]
+  expected = [f' {answers[0]}\n', answers[1], 'not this', answers[3] + 'x']  # 2 of 4 right
+  task = tmp_path / 'task.jsonl'
+  task.write_text(''.join(json.dumps({'prompt': p, 'answer': a}) + '\n'
+                          for p, a in zip(prompts, expected)))
+  copy = shutil.copytree(workdir, tmp_path / 'run')  # the shared run's eval/ stays as it is
+  config = trained_run.config(directory, eval=dict(task=str(task), task_max_new_tokens=6),
+                              data=dict(chat_template='none'))  # the prompt as it is, after EOS
+  result = evaluate.evaluate(str(copy), 20, config=config)[0]
+  assert (result['exact_match'], result['correct'], result['examples']) == (0.5, 2, 4)
+  assert [o['output'] for o in result['outputs']] == answers
+  assert [o['correct'] for o in result['outputs']] == [True, True, False, False]
+  assert result['outputs'][0] == dict(prompt=prompts[0], answer=expected[0], output=answers[0],
+                                       correct=True)
+  saved = json.loads((copy / 'eval' / '20.json').read_text())
+  assert saved['exact_match'] == 0.5 and saved['outputs'] == result['outputs']
+  assert evaluate.summary_line(result) == f'step 20: exact match 0.5000 (2/4) on {task}'
+
+
+def test_task_mistakes_name_the_line(run, tmp_path):
+  directory, workdir = run
+  task = tmp_path / 'task.jsonl'
+  task.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
+  config = trained_run.config(directory, eval=dict(task=str(task)))
+  with pytest.raises(ValueError, match=r'task.jsonl:2: an eval.task example needs .*"answer" is '
+                     'missing'):
+    evaluate.evaluate(workdir, 20, config=config, write=False)
+  preference = trained_run.config(directory, data=dict(format='preference', corpus='p.jsonl'))
+  with pytest.raises(ValueError, match='data.format=preference: --mode=eval scores text or SFT'):
+    evaluate.evaluate(workdir, 20, config=preference, write=False)

@@ -28,6 +28,7 @@ from lm import evaluate
 from lm import hf
 from lm import model as lm_model
 from lm import train
+from lm.model import positions
 from lm.data import tokenizers
 from tests import trained_run
 
@@ -160,6 +161,18 @@ def test_save_shards_with_an_index_and_from_scanned_layers(tmp_path):
   ref = reference('mixtral')
   model, again, _ = hf.load_pretrained(out)
   assert np.max(np.abs(logits(model, again, ref) - ref['logits'])) <= TOLERANCE
+
+
+def test_ntk_scaling_exports_as_the_larger_base(tmp_path):
+  _, params, model_config = hf.load_pretrained(fixture('llama_gqa'))
+  ntk = dataclasses.replace(model_config, rope_scaling='ntk', rope_scaling_factor=4.0)
+  out = str(tmp_path / 'out')
+  hf.save_pretrained(ntk, params, out)
+  with open(os.path.join(out, hf.CONFIG_FILE)) as f:
+    written = json.load(f)
+  assert written['rope_scaling'] is None and written['rope_theta'] > model_config.rope_theta
+  np.testing.assert_array_equal(positions.rope_frequencies(hf.read_config(out)),
+                                positions.rope_frequencies(ntk))
 
 
 def test_save_refuses_what_no_family_expresses(tmp_path):

@@ -19,10 +19,11 @@ from tests import train_fakes
 needs_8 = pytest.mark.skipif(jax.local_device_count() < 8, reason='needs 8 (fake) devices')
 
 
-def mesh_config(data=-1, fsdp=1, tensor=1, expert=1, **overrides):
+def mesh_config(data=-1, fsdp=1, tensor=1, expert=1, context=1, **overrides):
   return train_fakes.tiny_config(
       parallel__strategy='mesh', parallel__mesh_data=data, parallel__mesh_fsdp=fsdp,
-      parallel__mesh_tensor=tensor, parallel__mesh_expert=expert, **overrides)
+      parallel__mesh_tensor=tensor, parallel__mesh_expert=expert,
+      parallel__mesh_context=context, **overrides)
 
 
 def run_steps(config, devices, steps):
@@ -57,6 +58,8 @@ def assert_params_close(a, b):
     ('fsdp', mesh_config(data=1, fsdp=8)),
     ('tensor', mesh_config(data=4, tensor=2)),
     ('mixed', mesh_config(data=2, fsdp=2, tensor=2)),
+    ('context', mesh_config(data=2, context=4)),  # ring attention over chunks of 4 tokens
+    ('context=8', mesh_config(data=1, context=8)),
 ])
 def test_every_strategy_on_8_devices_equals_one_device(name, config):
   losses, params = run_steps(config, jax.local_devices()[:8], steps=10)
@@ -77,6 +80,12 @@ def test_every_strategy_on_8_devices_equals_one_device(name, config):
           model__num_kv_heads=2, model__ffn='swiglu', model__tie_embeddings=False,
           model__use_bias=False, train__grad_accum=2),
      dict(data=2, fsdp=2, tensor=2)),
+    # Ring attention with what rides along the ring: T5 bias, GQA, a window, soft cap, blocks
+    # of 3 within each chunk of 8, FSDP and tensor parallelism beside it.
+    (dict(model__pos_emb='relative', model__num_heads=4, model__num_kv_heads=2,
+          model__attention_window=5, model__attn_logit_softcap=10.0,
+          model__attention_impl='blockwise', model__attention_block=3),
+     dict(data=1, fsdp=2, context=2, tensor=2)),
 ])
 def test_model_variants_on_a_mesh_equal_one_device(overrides, mesh):
   losses, params = run_steps(mesh_config(**mesh, **overrides), jax.local_devices()[:8], steps=3)
@@ -111,8 +120,10 @@ def test_shard_places_each_batch_row_block_on_its_devices():
   x = np.arange(2 * 16 * 3).reshape(2, 16, 3)  # [K, B, T]
   sharded = strategy.shard({'x': x}, batch_axis=1)['x']
   assert sharded.shape == (2, 16, 3)
-  assert tuple(sharded.sharding.spec) == (None, ('data', 'fsdp', 'expert'))
+  assert tuple(sharded.sharding.spec) == (None, ('data', 'fsdp', 'expert'), 'context')
   np.testing.assert_array_equal(strategy.unreplicate(sharded), x)
+  pairs = strategy.shard({'x': np.zeros((2, 16, 2, 3))}, batch_axis=1)['x']  # DPO [K, B, 2, T]
+  assert tuple(pairs.sharding.spec) == (None, ('data', 'fsdp', 'expert'), None, 'context')
 
 
 @needs_8
@@ -137,6 +148,25 @@ def test_a_checkpoint_saved_on_8_devices_restores_on_other_meshes(tmp_path):
     for x, y in zip(jax.tree.leaves(jax.device_get((restored.params, restored.opt_state))),
                     jax.tree.leaves(expected)):
       np.testing.assert_array_equal(x, y)
+
+
+@needs_8
+def test_a_mesh_run_is_evaluated_on_its_mesh_with_the_losses_of_one_device(tmp_path):
+  from lm import evaluate  # pylint: disable=g-import-not-at-top
+  config = mesh_config(data=2, fsdp=4)
+  strategy = parallel.make(config, jax.local_devices()[:8])
+  state = strategy.init(functools.partial(train.create_state, config))
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
+  train._save(checkpointer, strategy, state, 3, config, eval_loss=None)
+  checkpointer.close()
+  checkpoint.save_config(str(tmp_path), config)
+  assert isinstance(evaluate.eval_strategy(config), parallel.MeshParallel)
+  (on_mesh,) = evaluate.evaluate(str(tmp_path), data=train_fakes.FakeData(), write=False)
+  (on_one,) = evaluate.evaluate(str(tmp_path), config=train_fakes.tiny_config(),
+                                data=train_fakes.FakeData(), devices=jax.local_devices()[:1],
+                                write=False)
+  assert on_mesh['tokens'] == on_one['tokens'] > 0
+  np.testing.assert_allclose(on_mesh['loss'], on_one['loss'], rtol=1e-5)
 
 
 @needs_8
@@ -186,7 +216,8 @@ def test_mesh_config_errors_name_the_key():
 def test_mesh_startup_errors_name_sizes_and_the_fix():
   devices = jax.local_devices()[:8]
   with pytest.raises(ValueError, match=r'mesh_data=2 x mesh_fsdp=2 x mesh_expert=1 x '
-                                       r'mesh_tensor=1 has 4 devices, but there are 8'):
+                                       r'mesh_context=1 x mesh_tensor=1 has 4 devices, but '
+                                       r'there are 8'):
     parallel.make(mesh_config(data=2, fsdp=2), devices)
   with pytest.raises(ValueError, match=r'3 does not divide 8'):
     parallel.make(mesh_config(fsdp=3), devices)
@@ -198,6 +229,9 @@ def test_mesh_startup_errors_name_sizes_and_the_fix():
   with pytest.raises(ValueError, match=r'train\.batch_size=12 must be divisible by batch shards '
                                        r'\(mesh_data x mesh_fsdp x mesh_expert'):
     parallel.make(mesh_config(data=8, train__batch_size=12), devices)
+  with pytest.raises(ValueError, match=r'data\.seq_len=16 does not split over mesh_context=6 '
+                                       r'\(6 chunks, parallel\.rules\.length\)'):
+    parallel.make(mesh_config(data=1, context=-1), devices[:6])
 
 
 @needs_8

@@ -95,6 +95,19 @@ def test_linear_scaling_is_rope_at_divided_positions():
       positions.apply_rope(x, pos.astype(jnp.float32) / 4.0, plain), atol=1e-5)
 
 
+def test_ntk_scaling_stretches_low_frequencies_and_keeps_the_highest():
+  dim, factor = 16, 4.0
+  plain = positions.rope_frequencies(model_config(head_dim=dim))
+  ntk = positions.rope_frequencies(
+      model_config(head_dim=dim, rope_scaling='ntk', rope_scaling_factor=factor))
+  # theta' = theta * factor^(d / (d - 2)): the highest frequency is untouched, the lowest is
+  # divided by exactly the factor, and every one in between is slowed by less.
+  assert ntk[0] == plain[0]
+  np.testing.assert_allclose(ntk[-1], plain[-1] / factor, rtol=1e-5)
+  ratio = plain / ntk
+  assert np.all(np.diff(ratio) > 0) and ratio[-1] == pytest.approx(factor, rel=1e-5)
+
+
 def llama3_reference(theta, dim, factor, low, high, original):
   """The Llama 3.1 rule, written out per frequency in float64."""
   out = []

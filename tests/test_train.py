@@ -1,5 +1,6 @@
 """The train step (accumulation, scan, NaN skipping, dtypes) and the loop's logs and stops."""
 
+import dataclasses
 import json
 import os
 
@@ -109,3 +110,14 @@ def test_bfloat16_moe_keeps_float32_master_weights_and_adds_router_losses():
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype('float32')}
   assert np.isfinite(float(m['loss'])) and int(m['skipped']) == 0
   assert float(m['router_aux_loss']) > 0 and float(m['router_z_loss']) > 0
+
+
+def test_finetuning_takes_the_checkpoints_model_but_the_given_context_settings():
+  saved = train_fakes.tiny_config(model__pos_emb='rope').model
+  given = dataclasses.replace(saved, d_model=2 * saved.d_model, rope_scaling='ntk',
+                              rope_scaling_factor=2.0, max_seq_len=4 * saved.max_seq_len)
+  model = train.finetune_model(saved, given)
+  # The architecture is the checkpoint's; how positions are read (context extension) is given.
+  assert model.d_model == saved.d_model
+  assert (model.rope_scaling, model.rope_scaling_factor, model.max_seq_len) == (
+      'ntk', 2.0, given.max_seq_len)

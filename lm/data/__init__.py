@@ -4,6 +4,8 @@
   tokenizers.py  sentencepiece, byte and char tokenizers; saving and loading them
   cache.py       atomic, content-keyed storage of tokenized corpora and trained tokenizers
   batches.py     pure batch functions of (seed, step), evaluation windows, prefetching
+  chat.py        chat templates and JSONL examples: conversations -> ids with a response mask
+  examples.py    SFT examples and preference pairs (data.format=sft|preference) and their batches
   pipeline.py    prepare(config, workdir) -> Data, tying the above together
 """
 

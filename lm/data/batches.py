@@ -251,3 +251,15 @@ def synchronous(make_batch: Callable[[int], Batch], start_step: int) -> Iterator
   while True:
     yield make_batch(step)
     step += 1
+
+
+def train_iterator(train_batch: Callable[..., Batch], start_step: int, batch_size: int,
+                   process_index: int, process_count: int, prefetch: int) -> Iterator[Batch]:
+  """Host-local batches train_batch(step, batch_size, process_index, process_count) of steps
+  start_step, start_step + 1, ..., `prefetch` of them prepared ahead (0: on demand)."""
+  host_rows(batch_size, process_index, process_count)  # fail here, not in a thread
+  make_batch = functools.partial(train_batch, batch_size=batch_size,
+                                 process_index=process_index, process_count=process_count)
+  if prefetch:
+    return Prefetcher(make_batch, start_step, prefetch)
+  return synchronous(make_batch, start_step)

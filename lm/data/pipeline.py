@@ -20,6 +20,7 @@ from lm import config as lm_config
 from lm.data import batches
 from lm.data import cache
 from lm.data import corpus as corpus_lib
+from lm.data import examples
 from lm.data import tokenizers
 
 TOKENIZER_DIR = 'tokenizer'  # inside the workdir
@@ -78,12 +79,8 @@ class Data:
 
     `batch_size` is global; each of the `process_count` hosts gets its share of the rows.
     """
-    batches.host_rows(batch_size, process_index, process_count)  # fail here, not in a thread
-    make_batch = functools.partial(self.train_batch, batch_size=batch_size,
-                                   process_index=process_index, process_count=process_count)
-    if self.config.prefetch:
-      return batches.Prefetcher(make_batch, start_step, self.config.prefetch)
-    return batches.synchronous(make_batch, start_step)
+    return batches.train_iterator(self.train_batch, start_step, batch_size, process_index,
+                                  process_count, self.config.prefetch)
 
   # Evaluation.
 
@@ -128,20 +125,23 @@ class Data:
 
 
 def prepare(config: lm_config.Config, workdir: str | None = None,
-            tokenizer: tokenizers.Tokenizer | None = None) -> Data:
+            tokenizer: tokenizers.Tokenizer | None = None
+            ) -> Data | examples.SFTData | examples.PreferenceData:
   """Loads the corpus, builds or loads the tokenizer, tokenizes (cached) and checks the ids.
 
   A tokenizer saved in `workdir/tokenizer/` is always the one used, so a resumed or evaluated
   run sees exactly the ids it was trained on; otherwise the tokenizer is built per config and
   saved there. A `tokenizer` passed in (a Hugging Face checkpoint's) is used instead of both,
-  and saved nowhere.
+  and saved nowhere. data.format=sft or preference reads JSONL examples instead (lm.data.examples).
   """
   d = config.data
+  given = tokenizer
+  saved_dir = os.path.join(workdir, TOKENIZER_DIR) if workdir and given is None else None
+  if d.format != 'text':  # JSONL examples: SFT or preference pairs
+    return examples.prepare(config, saved_dir, given)
   started = time.perf_counter()
   root = cache.root(d.cache_dir)
   corpus = corpus_lib.load(d.corpus, d.val_fraction)
-  given = tokenizer
-  saved_dir = os.path.join(workdir, TOKENIZER_DIR) if workdir and given is None else None
   saved = saved_dir is not None and os.path.isdir(saved_dir)
   stats: dict[str, Any] = {'corpus': d.corpus}
   if isinstance(corpus, corpus_lib.TokenCorpus):

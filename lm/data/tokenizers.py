@@ -28,6 +28,8 @@ HF_JSON = 'hf_tokenizer.json'  # a Hugging Face tokenizer.json, as saved into lm
 # as lm's own spec, told apart by its content), a sentencepiece model, and special tokens.
 HF_TOKENIZER_JSON = 'tokenizer.json'
 HF_SP_MODEL = 'tokenizer.model'
+# A chat template (Jinja, as Hugging Face tokenizers ship one), kept beside the tokenizer.
+CHAT_TEMPLATE = 'chat_template.jinja'
 _HF_SPECIAL_SOURCES = ('tokenizer_config.json', 'config.json', 'generation_config.json')
 _FORMAT = 1
 _SP_SENTENCE_CHARS = 2000  # sentencepiece trains on runs of whole lines up to this long
@@ -38,6 +40,7 @@ class Tokenizer(abc.ABC):
   """Text <-> ids. `encode_bytes` takes any bytes where the tokenizer can (byte, sentencepiece)."""
 
   kind: str = ''
+  chat_template: str | None = None  # a Hugging Face checkpoint's Jinja chat template
 
   @property
   @abc.abstractmethod
@@ -112,6 +115,9 @@ class Tokenizer(abc.ABC):
         with open(os.path.join(tmp, filename), 'wb') as f:
           f.write(content)
       cache.write_json(os.path.join(tmp, TOKENIZER_JSON), self._spec())
+      if self.chat_template:  # not in _files(): the template decides no id of the corpus
+        with open(os.path.join(tmp, CHAT_TEMPLATE), 'w', encoding='utf-8') as f:
+          f.write(self.chat_template)
 
   @property
   def fingerprint(self) -> str:
@@ -494,7 +500,22 @@ def load_tokenizer(path: str) -> Tokenizer:
     raise ValueError(f'{spec_path} says vocab_size={spec.get("vocab_size")} but its model has '
                      f'{tokenizer.vocab_size} ids: the folder is corrupt. Restore it from the '
                      'run that wrote it.')
+  tokenizer.chat_template = _read_chat_template(folder)
   return tokenizer
+
+
+def _read_chat_template(folder: str, config: dict[str, Any] | None = None) -> str | None:
+  """chat_template.jinja in `folder`, else tokenizer_config.json's "chat_template" (`config`):
+  a string, or a list of {"name", "template"} of which "default" is the one used."""
+  path = os.path.join(folder, CHAT_TEMPLATE)
+  if os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      return f.read()
+  template = (config or {}).get('chat_template')
+  if isinstance(template, list):
+    template = next((t.get('template') for t in template
+                     if isinstance(t, dict) and t.get('name') == 'default'), None)
+  return template if isinstance(template, str) and template else None
 
 
 def _read_beside(folder: str, name: str, spec_path: str) -> tuple[str, bytes]:
@@ -566,14 +587,28 @@ def load_hf_tokenizer(directory: str) -> Tokenizer:
           f'{directory} names no EOS token (no eos_token in tokenizer_config.json, no '
           'eos_token_id in config.json or generation_config.json), which lm needs to mark '
           'document ends. Add "eos_token_id": ID to config.json.')
-    return HFTokenizer(content, json_path, eos_id=ids['eos'], bos_id=ids['bos'],
-                       pad_id=ids['pad'])
-  if os.path.isfile(sp_path):
+    tokenizer = HFTokenizer(content, json_path, eos_id=ids['eos'], bos_id=ids['bos'],
+                            pad_id=ids['pad'])
+  elif os.path.isfile(sp_path):
     with open(sp_path, 'rb') as f:
-      return SentencePieceTokenizer(f.read(), sp_path)
-  raise FileNotFoundError(
-      f'{directory} holds no tokenizer ({HF_TOKENIZER_JSON} or {HF_SP_MODEL}). Copy the '
-      'tokenizer files of the model into it.')
+      tokenizer = SentencePieceTokenizer(f.read(), sp_path)
+  else:
+    raise FileNotFoundError(
+        f'{directory} holds no tokenizer ({HF_TOKENIZER_JSON} or {HF_SP_MODEL}). Copy the '
+        'tokenizer files of the model into it.')
+  config_path = os.path.join(directory, 'tokenizer_config.json')
+  tokenizer.chat_template = _read_chat_template(
+      directory, _read_json_object(config_path) if os.path.isfile(config_path) else None)
+  return tokenizer
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding='utf-8') as f:
+      values = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is not valid JSON ({e}). Download it again.') from None
+  return values if isinstance(values, dict) else {}
 
 
 def _hf_special_id(directory: str, spec: dict[str, Any], name: str) -> int | None:
@@ -582,11 +617,7 @@ def _hf_special_id(directory: str, spec: dict[str, Any], name: str) -> int | Non
     path = os.path.join(directory, filename)
     if not os.path.isfile(path):
       continue
-    try:
-      with open(path, encoding='utf-8') as f:
-        values = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ValueError(f'{path} is not valid JSON ({e}). Download it again.') from None
+    values = _read_json_object(path)
     token = values.get(f'{name}_token')
     if isinstance(token, dict):  # an AddedToken: {"content": "</s>", ...}
       token = token.get('content')

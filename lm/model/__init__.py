@@ -10,7 +10,7 @@ the same letters:
   F  FFN hidden width                   V  vocabulary
   E  experts                            C  expert capacity (slots per expert per sequence)
   A  experts a token is routed to (top_k)
-  R  rotary frequencies, or relative-position buckets
+  R  rotary frequencies, relative-position buckets, or the LoRA rank
   I  sinusoidal frequencies (D / 2)     L  layers
 
 The public surface is `Transformer(config)` and pure helpers that read what a MoE model sows

@@ -19,7 +19,9 @@ from jax import lax
 
 from lm.config import ModelConfig
 from lm.model import blockwise
+from lm.model import lora as lora_lib
 from lm.model import positions as pos_lib
+from lm.model import ring
 
 
 @functools.partial(jax.jit, static_argnames=('window', 'stride', 'summary'))
@@ -56,8 +58,8 @@ def mask_options(config: ModelConfig) -> dict[str, int]:
 
 
 @functools.partial(jax.jit, static_argnames=('num_buckets', 'max_distance'))
-def relative_bias(table_bucketsxN: jax.Array, q_positions_BxT: jax.Array,
-                  k_positions_BxS: jax.Array, num_buckets: int,
+def relative_bias(q_positions_BxT: jax.Array, k_positions_BxS: jax.Array,
+                  table_bucketsxN: jax.Array, num_buckets: int,
                   max_distance: int) -> jax.Array:
   """T5's learned bias [B, N, T, S] (float32): one value per head and distance bucket."""
   relative_BxTxS = k_positions_BxS[:, None, :] - q_positions_BxT[:, :, None]
@@ -91,6 +93,18 @@ def attention_probs(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, mask_BxTxS: jax.
   return jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
 
 
+def _implementation(config: ModelConfig) -> str | None:
+  """jax.nn.dot_product_attention's backend: cuDNN if asked for (GPU only), else JAX picks."""
+  if config.attention_impl != 'cudnn':
+    return None
+  if jax.default_backend() != 'gpu':
+    raise ValueError(
+        f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
+        f"{jax.default_backend()!r}. Use attention_impl='dot_product_attention' (cuDNN where it "
+        "applies, XLA elsewhere) or 'xla'.")
+  return 'cudnn'
+
+
 def _partitioned(init: nn.initializers.Initializer, names: tuple[str, ...]):
   return nn.with_logical_partitioning(init, names)
 
@@ -116,17 +130,17 @@ class Attention(nn.Module):
     dense = functools.partial(
         nn.DenseGeneral, use_bias=c.use_bias, dtype=dtype, param_dtype=param_dtype)
     normal = nn.initializers.normal(c.init_std)
-    q_BxTxNxH = dense(
+    q_BxTxNxH = lora_lib.adapt(c, 'q', dense(
         features=(num_heads, head_dim),
         kernel_init=_partitioned(normal, ('embed', 'heads', 'head_dim')),
         bias_init=_partitioned(nn.initializers.zeros, ('heads', 'head_dim')),
-        name='query')(x_BxTxD)
+        name='query'))(x_BxTxD, deterministic)
     kv_dense = functools.partial(
         dense, features=(num_kv_heads, head_dim),
         kernel_init=_partitioned(normal, ('embed', 'kv_heads', 'head_dim')),
         bias_init=_partitioned(nn.initializers.zeros, ('kv_heads', 'head_dim')))
-    k_BxTxKxH = kv_dense(name='key')(x_BxTxD)
-    v_BxTxKxH = kv_dense(name='value')(x_BxTxD)
+    k_BxTxKxH = lora_lib.adapt(c, 'k', kv_dense(name='key'))(x_BxTxD, deterministic)
+    v_BxTxKxH = lora_lib.adapt(c, 'v', kv_dense(name='value'))(x_BxTxD, deterministic)
 
     if c.qk_norm:
       qk_norm = functools.partial(
@@ -139,6 +153,15 @@ class Attention(nn.Module):
       q_BxTxNxH = pos_lib.apply_rope(q_BxTxNxH, positions_BxT, inv_freq_R)
       k_BxTxKxH = pos_lib.apply_rope(k_BxTxKxH, positions_BxT, inv_freq_R)
 
+    if not decode and not self.is_initializing() and ring.context_shards() > 1:
+      # Context parallelism: T is split over the mesh's 'context' axis. Decoding (KV cache)
+      # and init (parameters only) attend as on one device.
+      y_BxTxNxH = ring.attention(
+          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT,
+          functools.partial(attention_mask, **mask_options(c)), *self._position_bias(),
+          c.attention_block if c.attention_impl == 'blockwise' else 0, c.attn_logit_softcap)
+      return self._out(y_BxTxNxH, deterministic)
+
     # Keys: this call's tokens, or (decoding) every slot of the cache they were written into.
     q_index_T = jnp.arange(q_len, dtype=jnp.int32)
     k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
@@ -149,9 +172,9 @@ class Attention(nn.Module):
 
     mask_fn = functools.partial(attention_mask, positions_BxT, q_segment_ids_BxT=segment_ids_BxT,
                                 q_index_T=q_index_T, **mask_options(c))
-    bias_fn = self._position_bias()
-    if bias_fn is not None:
-      bias_fn = functools.partial(bias_fn, positions_BxT)
+    position_bias, bias_arrays = self._position_bias()
+    bias_fn = None if position_bias is None else (
+        lambda k_positions_BxS: position_bias(positions_BxT, k_positions_BxS, *bias_arrays))
 
     use_dropout = c.attn_dropout > 0 and not deterministic
     if c.attention_impl == 'blockwise':
@@ -160,17 +183,17 @@ class Attention(nn.Module):
           lambda pos, seg, order: mask_fn(k_positions_BxS=pos, k_segment_ids_BxS=seg,
                                           k_index_S=order),
           bias_fn, c.attention_block, c.attn_logit_softcap)
-      return self._out(y_BxTxNxH)
+      return self._out(y_BxTxNxH, deterministic)
     mask_BxTxS = mask_fn(k_positions_BxS=k_positions_BxS, k_segment_ids_BxS=k_segment_ids_BxS,
                          k_index_S=k_index_S)
     bias_BxNxTxS = None if bias_fn is None else bias_fn(k_positions_BxS)
     # jax.nn.dot_product_attention has neither a logit soft cap nor dropout on the weights;
     # those configurations take the einsum path below.
-    if c.attention_impl == 'dot_product_attention' and not c.attn_logit_softcap and (
+    if c.attention_impl in ('dot_product_attention', 'cudnn') and not c.attn_logit_softcap and (
         not use_dropout):
       y_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype), v_BxSxKxH.astype(q_BxTxNxH.dtype),
-          bias=bias_BxNxTxS, mask=mask_BxTxS[:, None], implementation=None)
+          bias=bias_BxNxTxS, mask=mask_BxTxS[:, None], implementation=_implementation(c))
     else:
       probs_BxKxGxTxS = attention_probs(q_BxTxNxH, k_BxSxKxH, mask_BxTxS, bias_BxNxTxS,
                                         c.attn_logit_softcap)
@@ -184,33 +207,34 @@ class Attention(nn.Module):
       y_BxTxKxGxH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BxKxGxTxS.astype(dtype),
                                v_BxSxKxH.astype(dtype))
       y_BxTxNxH = y_BxTxKxGxH.reshape(batch, q_len, num_heads, head_dim)
-    return self._out(y_BxTxNxH)
+    return self._out(y_BxTxNxH, deterministic)
 
-  def _out(self, y_BxTxNxH: jax.Array) -> jax.Array:
+  def _out(self, y_BxTxNxH: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
     out_std = c.init_std / math.sqrt(2 * c.num_layers)  # GPT-2: residual projections
-    return nn.DenseGeneral(
+    return lora_lib.adapt(c, 'o', nn.DenseGeneral(
         features=c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=jnp.dtype(c.dtype),
         param_dtype=jnp.dtype(c.param_dtype),
         kernel_init=_partitioned(nn.initializers.normal(out_std),
                                  ('heads', 'head_dim', 'embed')),
         bias_init=_partitioned(nn.initializers.zeros, ('embed',)),
-        name='out')(y_BxTxNxH)
+        name='out'))(y_BxTxNxH, deterministic)
 
   def _position_bias(self):
-    """ALiBi's or T5's bias as a pure function (q_positions_BxT, k_positions_BxS) -> [B, N, T,
-    S] float32 of actual positions, so it can be built per key block; None for other schemes."""
+    """ALiBi's or T5's bias as a pure function (q_positions_BxT, k_positions_BxS, *arrays) ->
+    [B, N, T, S] float32 of actual positions, so it can be built per key block, and the arrays
+    it takes (explicit, for ring attention's shard_map); (None, ()) for other schemes."""
     c = self.config
     if c.pos_emb == 'alibi':
-      return functools.partial(pos_lib.alibi_bias, slopes_N=pos_lib.alibi_slopes(c.num_heads))
+      return pos_lib.alibi_bias, (pos_lib.alibi_slopes(c.num_heads),)
     if c.pos_emb == 'relative':
       table_bucketsxN = self.param(
           'relative_bias',
           _partitioned(nn.initializers.normal(c.init_std), ('relative_buckets', 'heads')),
           (c.relative_num_buckets, c.num_heads), jnp.dtype(c.param_dtype))
-      return functools.partial(relative_bias, table_bucketsxN, num_buckets=c.relative_num_buckets,
-                               max_distance=c.relative_max_distance)
-    return None
+      return functools.partial(relative_bias, num_buckets=c.relative_num_buckets,
+                               max_distance=c.relative_max_distance), (table_bucketsxN,)
+    return None, ()
 
   def _update_cache(self, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, positions_BxT: jax.Array,
                     segment_ids_BxT: jax.Array):

@@ -4,8 +4,8 @@ Rabe & Staats (2021) showed that attention needs no [T, S] weight matrix: keys c
 block of C at a time while a running maximum, a running sum and a running weighted sum of values
 are carried along (the schedule FlashAttention fuses into one GPU kernel). Only [.., T, C] logits
 exist at a time, and under `jax.checkpoint` the backward pass recomputes them block by block, so
-memory grows with T x C instead of T x S. Ring attention takes the same step with key blocks
-that arrive from other devices.
+memory grows with T x C instead of T x S. Ring attention (ring.py) folds in the key chunks
+that arrive from other devices with the same `fold`.
 
 Masks and position biases are functions of key positions, built per block, for the same reason.
 """
@@ -65,22 +65,27 @@ def finish(partial: Partial) -> jax.Array:
   return partial.out_BxTxKxGxH / partial.sum_BxKxGxT.transpose(0, 3, 1, 2)[..., None]
 
 
+def group_heads(q_BxTxNxH: jax.Array, num_kv_heads: int) -> jax.Array:
+  """[B, T, N, H] -> [B, T, K, G, H]: the queries that share each KV head side by side."""
+  batch, q_len, num_heads, head_dim = q_BxTxNxH.shape
+  return q_BxTxNxH.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+
 MaskFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (pos_BxC, seg_BxC, order_C)
 BiasFn = Callable[[jax.Array], jax.Array]  # k_positions_BxC -> [B, N, T, C]
 
 
-def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-              k_positions_BxS: jax.Array, k_segment_ids_BxS: jax.Array, k_order_S: jax.Array,
-              mask_fn: MaskFn, bias_fn: BiasFn | None, block: int,
-              softcap: float = 0.0) -> jax.Array:
-  """Attention output [B, T, N, H] (q's dtype), scanning key blocks of `block` keys.
+def fold(partial: Partial, q_BxTxKxGxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+         k_positions_BxS: jax.Array, k_segment_ids_BxS: jax.Array, k_order_S: jax.Array,
+         mask_fn: MaskFn, bias_fn: BiasFn | None, block: int,
+         softcap: float = 0.0) -> Partial:
+  """Folds S keys into `partial`, scanning blocks of `block` keys (0: all S in one block).
 
   `mask_fn` and `bias_fn` see one block's key positions, segment ids and order; keys padded on
   to fill the last block are given an order no query reaches, so masks hide them.
   """
-  batch, q_len, num_heads, head_dim = q_BxTxNxH.shape
-  k_len, num_kv_heads = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
-  block = min(block, k_len)
+  batch, k_len = k_BxSxKxH.shape[:2]
+  block = min(block or k_len, k_len)
   blocks = -(-k_len // block)
   pad = blocks * block - k_len
 
@@ -92,8 +97,6 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
         split(k_segment_ids_BxS, -1),
         jnp.pad(k_order_S, (0, pad), constant_values=jnp.iinfo(jnp.int32).max).reshape(
             blocks, block))
-  q_BxTxKxGxH = q_BxTxNxH.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads,
-                                  head_dim)
 
   @jax.checkpoint  # the backward pass recomputes each block's weights instead of storing them
   def step(partial, x):
@@ -102,5 +105,16 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
     return attend(partial, q_BxTxKxGxH, k_BxCxKxH, v_BxCxKxH,
                   mask_fn(positions_BxC, segment_ids_BxC, order_C), bias, softcap), None
 
-  partial, _ = lax.scan(step, init(q_BxTxKxGxH), xs)
+  partial, _ = lax.scan(step, partial, xs)
+  return partial
+
+
+def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+              k_positions_BxS: jax.Array, k_segment_ids_BxS: jax.Array, k_order_S: jax.Array,
+              mask_fn: MaskFn, bias_fn: BiasFn | None, block: int,
+              softcap: float = 0.0) -> jax.Array:
+  """Attention output [B, T, N, H] (q's dtype), scanning key blocks of `block` keys."""
+  q_BxTxKxGxH = group_heads(q_BxTxNxH, k_BxSxKxH.shape[2])
+  partial = fold(init(q_BxTxKxGxH), q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, k_positions_BxS,
+                 k_segment_ids_BxS, k_order_S, mask_fn, bias_fn, block, softcap)
   return finish(partial).reshape(q_BxTxNxH.shape).astype(q_BxTxNxH.dtype)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
+from lm.model import lora as lora_lib
 
 
 def residual_std(config: ModelConfig) -> float:
@@ -47,11 +48,13 @@ class Mlp(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x_BxTxD: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
     c = self.config
-    h_BxTxF = dense(c, c.d_ff, ('embed', 'mlp'), name='fc_in')(x_BxTxD)
+    h_BxTxF = lora_lib.adapt(c, 'ffn', dense(c, c.d_ff, ('embed', 'mlp'), name='fc_in'))(
+        x_BxTxD, deterministic)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=True)
-    return dense(c, c.d_model, ('mlp', 'embed'), name='fc_out', std=residual_std(c))(h_BxTxF)
+    return lora_lib.adapt(c, 'ffn', dense(c, c.d_model, ('mlp', 'embed'), name='fc_out',
+                                          std=residual_std(c)))(h_BxTxF, deterministic)
 
 
 class SwiGLU(nn.Module):
@@ -60,12 +63,14 @@ class SwiGLU(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x_BxTxD: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
     c = self.config
-    gate_BxTxF = dense(c, c.d_ff, ('embed', 'mlp'), name='gate')(x_BxTxD)
-    up_BxTxF = dense(c, c.d_ff, ('embed', 'mlp'), name='up')(x_BxTxD)
+    adapted = lambda layer: lora_lib.adapt(c, 'ffn', layer)
+    gate_BxTxF = adapted(dense(c, c.d_ff, ('embed', 'mlp'), name='gate'))(x_BxTxD, deterministic)
+    up_BxTxF = adapted(dense(c, c.d_ff, ('embed', 'mlp'), name='up'))(x_BxTxD, deterministic)
     h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
-    return dense(c, c.d_model, ('mlp', 'embed'), name='down', std=residual_std(c))(h_BxTxF)
+    return adapted(dense(c, c.d_model, ('mlp', 'embed'), name='down', std=residual_std(c)))(
+        h_BxTxF, deterministic)
 
 
 def ffn_class(kind: str) -> type[nn.Module]:

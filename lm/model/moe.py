@@ -39,10 +39,10 @@ def _experts(config: ModelConfig, mapped_input: bool) -> nn.Module:
   """E copies of the expert FFN with weights stacked on a leading 'expert' axis ([E, D, F])."""
   return nn.vmap(
       ffn_lib.ffn_class(config.expert_ffn),
-      in_axes=0 if mapped_input else None,
+      in_axes=(0 if mapped_input else None, None),  # (slots, deterministic)
       out_axes=0,
       variable_axes={'params': 0},
-      split_rngs={'params': True},
+      split_rngs={'params': True, 'dropout': True},
       axis_size=config.num_experts,
       metadata_params={nn.PARTITION_NAME: 'expert'},
   )(config, name='experts')
@@ -63,9 +63,11 @@ class MoE(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jnp.ndarray, valid_BxT: jnp.ndarray | None = None) -> jnp.ndarray:
+  def __call__(self, x_BxTxD: jnp.ndarray, valid_BxT: jnp.ndarray | None = None,
+               deterministic: bool = True) -> jnp.ndarray:
     """Mixes each token's experts; tokens where `valid_BxT` is False (padding) are not routed:
-    they take no capacity, count in no statistic and get a zero output."""
+    they take no capacity, count in no statistic and get a zero output. `deterministic` is for
+    the experts' LoRA dropout."""
     c = self.config
     E, A = c.num_experts, c.top_k
     B, T, _ = x_BxTxD.shape
@@ -96,7 +98,7 @@ class MoE(nn.Module):
 
     C = capacity(c, T)
     if C == 0:
-      y_ExBxTxD = _experts(c, mapped_input=False)(x_BxTxD)
+      y_ExBxTxD = _experts(c, mapped_input=False)(x_BxTxD, deterministic)
       y_BxTxD = jnp.einsum('BTE,EBTD->BTD', gate_BxTxE.astype(dtype), y_ExBxTxD)
       self._sow('intermediates', 'dropped_tokens', jnp.zeros((), jnp.int32))
       return y_BxTxD
@@ -113,7 +115,7 @@ class MoE(nn.Module):
              (jnp.sum(chosen_BxTxE) - kept).astype(jnp.int32))
 
     x_ExBxCxD = jnp.einsum('BTEC,BTD->EBCD', dispatch_BxTxExC, x_BxTxD.astype(dtype))
-    y_ExBxCxD = _experts(c, mapped_input=True)(x_ExBxCxD)
+    y_ExBxCxD = _experts(c, mapped_input=True)(x_ExBxCxD, deterministic)
     return jnp.einsum('BTEC,EBCD->BTD', combine_BxTxExC, y_ExBxCxD)
 
   def _sow(self, collection: str, name: str, value: jnp.ndarray) -> None:

@@ -50,6 +50,8 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
   factor = np.float32(config.rope_scaling_factor)
   if config.rope_scaling == 'none':
     return inv_freq_R
+  if config.rope_scaling == 'ntk':
+    return (np.float32(1.0) / (ntk_theta(config) ** exponents_R)).astype(np.float32)
   if config.rope_scaling == 'linear':
     # Position interpolation (Chen et al., 2023): angle(p) = p / factor * inv_freq.
     return (inv_freq_R / factor).astype(np.float32)
@@ -58,7 +60,18 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
                            np.float32(config.rope_high_freq_factor),
                            np.float32(config.rope_original_max_seq_len))
   raise ValueError(f'model.rope_scaling: unknown {config.rope_scaling!r}. '
-                   'Use none, linear or llama3.')
+                   'Use none, linear, ntk or llama3.')
+
+
+def ntk_theta(config: ModelConfig) -> np.float32:
+  """NTK-aware scaling's base (bloc97, 2023): theta * factor^(d / (d - 2)).
+
+  The larger base slows the lowest frequency by exactly `factor` while the highest stays put,
+  so nearby positions stay as distinguishable as in training.
+  """
+  dim = config.rope_dim
+  return np.float32(config.rope_theta) * np.float32(config.rope_scaling_factor) ** np.float32(
+      dim / (dim - 2))
 
 
 def _llama3_scaling(inv_freq_R: np.ndarray, factor: np.float32, low: np.float32,

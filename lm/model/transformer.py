@@ -56,9 +56,10 @@ class Block(nn.Module):
       # Segment id 0 marks padding (data layer, sampler): it must not take expert capacity.
       valid_BxT = None if segment_ids_BxT is None else segment_ids_BxT != 0
       moe = moe_lib.MoE(c, name='ffn')
-      ffn = lambda h: moe(h, valid_BxT)
+      ffn = lambda h: moe(h, valid_BxT, deterministic)
     else:
-      ffn = ffn_lib.ffn_class(c.ffn)(c, name='ffn')
+      dense_ffn = ffn_lib.ffn_class(c.ffn)(c, name='ffn')
+      ffn = lambda h: dense_ffn(h, deterministic)
     return _sublayer(c, 'ffn_norm', ffn, x_BxTxD, deterministic)
 
 
