@@ -366,7 +366,11 @@ def execute(run: Run, config: lm_config.Config, run_dir: str, measure: Sequence[
   _write_json(path, record)
   started = time.perf_counter()
   try:
-    train_lib.train(config, run_dir, progress=progress)
+    if train_lib.train(config, run_dir, progress=progress).get('preempted'):
+      # Not a failure and not done: the run stays 'running', and so resumes next time. The
+      # sweep stops too (SystemExit passes the runner's per-run error handling).
+      raise SystemExit(f'{run.name}: stopped by SIGTERM with a checkpoint saved. Run the same '
+                       'command again to resume the sweep.')
     (evaluation,) = eval_lib.evaluate(run_dir, 'latest', write=True)
     measurements = {}
     for name in measure:

@@ -558,7 +558,8 @@ def train(config: lm_config.Config, workdir: str, *,
   """Trains (resuming from DIR/checkpoints if any) and returns the last metrics logged.
 
   Validation runs every eval.every steps on eval.max_batches batches, and on the whole split
-  after the last step. SIGTERM saves a checkpoint at the current step and returns.
+  after the last step. SIGTERM saves a checkpoint at the current step and returns early, with
+  'preempted': True in the result (callers that go on after training must not).
 
   Args:
     config: the validated config; model.vocab_size may still be 0 (fitted to the tokenizer).
@@ -616,7 +617,7 @@ def train(config: lm_config.Config, workdir: str, *,
   # A call's metrics are read after the next call is dispatched, so the host never stalls
   # the device, except where a log, evaluation or checkpoint needs them at once.
   pending: tuple[int, Any] | None = None
-  step, eval_loss = start, None
+  step, eval_loss, preempted = start, None, False
   try:
     with _Preemption() as preemption:
       while step < total:
@@ -672,7 +673,8 @@ def train(config: lm_config.Config, workdir: str, *,
       batches.close()
   if eval_loss is not None:
     logging.info('Final validation loss: %.4f', eval_loss)
-  return dict(monitor.last, **({'eval/loss': eval_loss} if eval_loss is not None else {}))
+  result = dict(monitor.last, **({'eval/loss': eval_loss} if eval_loss is not None else {}))
+  return dict(result, preempted=True) if preempted else result
 
 
 def _save(checkpointer: ckpt_lib.Checkpointer, strategy: parallel.Strategy,

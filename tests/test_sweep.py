@@ -95,6 +95,17 @@ def _config(warmup_steps=2, **train):
   return lm_config.Config.from_config_dict(cd)
 
 
+def test_a_run_stopped_by_sigterm_stops_the_sweep_and_resumes_later(tmp_path, monkeypatch):
+  from lm import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, 'train', lambda *args, **kwargs: {'preempted': True})
+  (run,) = sweep.expand({'runs': [{'name': 'a'}]})
+  config = _config()
+  with pytest.raises(SystemExit, match='Run the same command again'):
+    sweep.run_all([run], [config], str(tmp_path))  # per-run errors would be caught here
+  # Neither done nor failed: the next sweep resumes it from its checkpoint.
+  assert sweep.run_status(str(tmp_path / 'a'), run, config) == 'resume'
+
+
 def test_token_and_flop_budgets_become_steps_rounded_up():
   per_step = 32 * base.get_config().data.seq_len
   config = _config(tokens=10 * per_step + 1, batch_size=32)
