@@ -378,8 +378,10 @@ def finetune_model(saved: lm_config.ModelConfig,
 
   keys = dict.fromkeys(hf.RUNTIME_KEYS + hf.TRAINING_KEYS + lm_config.INFERENCE_KEYS + ('lora',))
   keys.pop('scan_layers')
+  if saved.pos_emb == 'learned':  # a learned table's length is a parameter shape
+    keys.pop('max_seq_len')
   for key in lm_config.INFERENCE_KEYS:
-    if getattr(given, key) != getattr(saved, key):
+    if key in keys and getattr(given, key) != getattr(saved, key):
       logging.warning('Fine-tuning with model.%s=%r (the checkpoint was trained with %r).', key,
                       getattr(given, key), getattr(saved, key))
   return dataclasses.replace(saved, **{k: getattr(given, k) for k in keys})

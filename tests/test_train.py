@@ -121,3 +121,5 @@ def test_finetuning_takes_the_checkpoints_model_but_the_given_context_settings()
   assert model.d_model == saved.d_model
   assert (model.rope_scaling, model.rope_scaling_factor, model.max_seq_len) == (
       'ntk', 2.0, given.max_seq_len)
+  learned = dataclasses.replace(saved, pos_emb='learned')
+  assert train.finetune_model(learned, given).max_seq_len == saved.max_seq_len  # a shape
