@@ -126,14 +126,20 @@ def test_shard_places_each_batch_row_block_on_its_devices():
   assert tuple(pairs.sharding.spec) == (None, ('data', 'fsdp', 'expert'), None, 'context')
 
 
+def save_on_8_devices(workdir, config, step):
+  """A fresh state created sharded over 8 devices, checkpointed at `step`; returns the state."""
+  strategy = parallel.make(config, jax.local_devices()[:8])
+  state = strategy.init(functools.partial(train.create_state, config))
+  checkpointer = checkpoint.Checkpointer(str(workdir), config.checkpoint)
+  train._save(checkpointer, strategy, state, step, config, eval_loss=None)
+  checkpointer.close()
+  return state
+
+
 @needs_8
 def test_a_checkpoint_saved_on_8_devices_restores_on_other_meshes(tmp_path):
   saved_with = mesh_config(data=1, fsdp=8)
-  strategy = parallel.make(saved_with, jax.local_devices()[:8])
-  state = strategy.init(functools.partial(train.create_state, saved_with))
-  checkpointer = checkpoint.Checkpointer(str(tmp_path), saved_with.checkpoint)
-  train._save(checkpointer, strategy, state, 5, saved_with, eval_loss=None)
-  checkpointer.close()
+  state = save_on_8_devices(tmp_path, saved_with, 5)
   expected = jax.device_get((state.params, state.opt_state))
   for devices, mesh in [(4, dict(data=2, tensor=2)), (1, dict(data=1))]:
     config = mesh_config(**mesh)
@@ -154,11 +160,7 @@ def test_a_checkpoint_saved_on_8_devices_restores_on_other_meshes(tmp_path):
 def test_a_mesh_run_is_evaluated_on_its_mesh_with_the_losses_of_one_device(tmp_path):
   from lm import evaluate  # pylint: disable=g-import-not-at-top
   config = mesh_config(data=2, fsdp=4)
-  strategy = parallel.make(config, jax.local_devices()[:8])
-  state = strategy.init(functools.partial(train.create_state, config))
-  checkpointer = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
-  train._save(checkpointer, strategy, state, 3, config, eval_loss=None)
-  checkpointer.close()
+  save_on_8_devices(tmp_path, config, 3)
   checkpoint.save_config(str(tmp_path), config)
   assert isinstance(evaluate.eval_strategy(config), parallel.MeshParallel)
   (on_mesh,) = evaluate.evaluate(str(tmp_path), data=train_fakes.FakeData(), write=False)
