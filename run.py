@@ -48,6 +48,8 @@ def main(argv):
     config = lm_config.Config.from_config_dict(flags.FLAGS.config)
   except ValueError as e:
     sys.exit(f'Invalid config: {e}')
+  from lm import parallel  # pylint: disable=g-import-not-at-top (jax: only once flags parse)
+  parallel.use_xla_flags(config.parallel.xla_flags)  # before JAX starts, which reads them
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:

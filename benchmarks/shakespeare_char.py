@@ -1,11 +1,12 @@
-"""Trains configs/shakespeare_char.py on one CPU device and prints speed and validation loss.
+"""Trains configs/shakespeare_char.py and prints speed and validation loss.
 
   .venv/bin/python benchmarks/shakespeare_char.py [--workdir=DIR] [--config.train.steps=N ...]
 
 The reference is nanoGPT's CPU recipe for the same model (4 layers, 4 heads, 128 wide,
 64-token context, batch 12, 2000 iterations): about 30 ms per iteration here and a validation
 loss of about 1.88 (nanoGPT's estimate_loss on random batches; ours scores the whole split).
-One device even if XLA_FLAGS fakes several: on a few cores, pmap over fake devices is slower.
+The config's parallel.xla_flags apply here as under run.py (they override $XLA_FLAGS), and the
+run is data-parallel over the local devices they give.
 """
 
 import json
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lm import config as lm_config  # pylint: disable=g-import-not-at-top
 from lm import metrics
+from lm import parallel
 from lm import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,6 +51,7 @@ def summarize(workdir: str, wall_seconds: float) -> dict:
       'wall_seconds': wall_seconds,
       'peak_flops_measured': metrics.measured_cpu_flops(),
       'device': jax.local_devices()[0].device_kind,
+      'devices': jax.local_device_count(),
   }
 
 
@@ -56,9 +59,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = lm_config.Config.from_config_dict(_CONFIG.value)
+  parallel.use_xla_flags(config.parallel.xla_flags)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='shakespeare_char_')
   start = time.perf_counter()
-  train.train(config, workdir, devices=jax.local_devices()[:1])
+  train.train(config, workdir)
   print(json.dumps(summarize(workdir, time.perf_counter() - start), indent=2))
 
 

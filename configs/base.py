@@ -154,4 +154,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.coordinator_address = ''  # distributed: process 0's host:port; '': from JAX or SLURM env
   p.num_processes = 0  # distributed: processes in the job; 0: from SLURM, Open MPI, Cloud TPU, ...
   p.process_id = -1  # distributed: this process's index (0 is the coordinator); -1: detected
+  # XLA flags this run wants, added to $XLA_FLAGS by run.py before JAX starts (space-separated).
+  p.xla_flags = ''
   return c

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from typing import Any, Mapping
 
 POS_EMBS = ('sinusoidal', 'learned', 'rope', 'alibi', 'relative', 'none')
@@ -226,6 +227,7 @@ class ParallelConfig:
   coordinator_address: str
   num_processes: int
   process_id: int
+  xla_flags: str
 
   @property
   def mesh_sizes(self) -> dict[str, int]:
@@ -276,7 +278,7 @@ ADDED_KEYS: dict[str, Any] = {
     'parallel': {'mesh_expert': 1, 'mesh_context': 1,
                  'rules': {**{axis: '' for axis in LOGICAL_AXES}, 'length': CONTEXT_AXIS},
                  'distributed': False, 'coordinator_address': '', 'num_processes': 0,
-                 'process_id': -1},
+                 'process_id': -1, 'xla_flags': ''},
 }
 
 
@@ -665,6 +667,11 @@ def _validate_parallel(p: ParallelConfig) -> None:
           'one replica per local device and never spans hosts)',
           'Set --config.parallel.strategy=mesh.')
   _non_negative('parallel.num_processes', p.num_processes)
+  for flag in p.xla_flags.split():
+    if not re.fullmatch(r'--xla_\w+(=\S*)?', flag):
+      _fail('parallel.xla_flags', f'{flag!r} is not an XLA flag',
+            "Give space-separated flags of the form --xla_name=value, e.g. "
+            "'--xla_force_host_platform_device_count=2'.")
   if p.process_id < -1:
     _fail('parallel.process_id', f'must be >= 0, or -1 (from the environment), got '
           f'{p.process_id}', 'Use 0 for the coordinator, 1, 2, ... for the others.')

@@ -15,10 +15,12 @@ momentum) share its sharding; the rest (counts, Adafactor's factored rows and co
 replicated. The batch is split over the mesh axes of rules.batch, and the sequence over those
 of rules.length (default 'context'); XLA's SPMD partitioner derives every activation's sharding
 from those of the inputs and inserts the collectives, so the step is the same pure function as
-on one device (no axis name, no psum). The one exception is attention over a sequence split
-over 'context' (parallel.mesh_context > 1): the model runs ring attention (lm/model/ring.py),
-which finds the mesh because steps are traced under it (jax.set_mesh). The state is built
-already sharded (jit with out_shardings), never first on one device.
+on one device (no axis name, no psum); steps are traced under the logical rules, through which
+the model pins its residual stream to the batch and sequence split (nn.with_logical_constraint).
+The one exception is attention over a sequence split over 'context' (parallel.mesh_context > 1):
+the model runs ring attention (lm/model/ring.py), which finds the mesh because steps are traced
+under it (jax.set_mesh). The state is built already sharded (jit with out_shardings), never
+first on one device.
 
 Multi-host (`initialize`): jax.distributed from parallel.coordinator_address / num_processes /
 process_id, or what JAX detects (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, Cloud TPU). Each
@@ -31,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable, Sequence
 
 from flax import linen as nn
@@ -82,6 +85,22 @@ def initialize(config: lm_config.ParallelConfig) -> None:
         '--config.parallel.coordinator_address=HOST:PORT (process 0\'s), '
         '--config.parallel.num_processes and --config.parallel.process_id, or launch under a '
         'scheduler JAX detects (SLURM, Open MPI, Cloud TPU).') from e
+
+
+def use_xla_flags(xla_flags: str) -> None:
+  """Appends parallel.xla_flags to $XLA_FLAGS, where a later flag overrides an earlier one.
+
+  XLA reads $XLA_FLAGS once, when JAX's backend starts, so only a process's entry point can
+  call this (run.py and a sweep's worker processes do, before any computation).
+  """
+  if xla_flags:
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags}'.strip()
+
+
+def missing_xla_flags(xla_flags: str) -> list[str]:
+  """The flags of parallel.xla_flags that this process's $XLA_FLAGS lacks."""
+  present = os.environ.get('XLA_FLAGS', '').split()
+  return [flag for flag in xla_flags.split() if flag not in present]
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,7 +239,7 @@ class MeshParallel:
   batch_axes: tuple[str, ...]  # mesh axes the batch (rules.batch) is split over
   length_axes: tuple[str, ...]  # mesh axes the sequence (rules.length) is split over
   param_shardings: dict[str, tuple[tuple[int, ...], jax.NamedSharding]]  # path -> shape, sharding
-  d_model: int  # width of the residual stream, whose batch sharding compile() pins
+  rules: tuple[tuple[str, Any], ...]  # flax logical rules, for the model's activation constraints
 
   @classmethod
   def build(cls, config: lm_config.Config, devices: Sequence[jax.Device]) -> MeshParallel:
@@ -241,7 +260,7 @@ class MeshParallel:
           f'data.seq_len={config.data.seq_len} does not split over {over} ({chunks} chunks, '
           f'parallel.rules.length). Use a multiple of {chunks} for data.seq_len.')
     return cls(mesh, batch_axes, length_axes, _param_shardings(config.model, p, mesh),
-               config.model.d_model)
+               p.mesh_rules())
 
   @property
   def devices(self) -> tuple[jax.Device, ...]:
@@ -283,18 +302,15 @@ class MeshParallel:
     (so donation reuses the buffers and the next call does not recompile); outputs, and
     everything fn returns without `state`, come back replicated (metrics, sums).
 
-    The residual stream (every module output shaped [B, T, d_model]) is pinned to the batch
-    (and sequence) sharding. Left alone, XLA's propagation follows FSDP's weights (sharded
-    along d_model) and all-reduces full-batch activations; pinned, it all-gathers each weight
-    where it is used. fn is traced under the mesh (jax.set_mesh), where ring attention finds it.
+    fn is traced under the mesh (jax.set_mesh), where ring attention finds it, and under the
+    logical axis rules, through which the model pins its residual stream (lm.model.transformer).
     """
     if state is None:
       out_shardings = self.replicated
     else:
       out_shardings = (jax.tree.map(lambda x: x.sharding, state), self.replicated)
     jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums)
-    return _Traced(jitted, self.mesh, functools.partial(_pin_residual, jax.NamedSharding(
-        self.mesh, P(self.batch_axes or None, self.length_axes or None, None)), self.d_model))
+    return _Traced(jitted, self.mesh, self.rules)
 
   def init(self, fn: Callable[[Any], Any], params: Any = None) -> Any:
     """The state fn(params) builds, created sharded: each device computes only its shards.
@@ -375,31 +391,19 @@ class MeshParallel:
 
 @dataclasses.dataclass(frozen=True)
 class _Traced:
-  """A jitted function traced (called or lowered) under its mesh and a flax method
-  interceptor."""
+  """A jitted function traced (called or lowered) under its mesh and logical axis rules."""
 
   jitted: Any
   mesh: jax.sharding.Mesh
-  interceptor: Callable[..., Any]
+  rules: tuple[tuple[str, Any], ...]
 
   def __call__(self, *args: Any) -> Any:
-    with jax.set_mesh(self.mesh), nn.intercept_methods(self.interceptor):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jitted(*args)
 
   def lower(self, *args: Any) -> Any:
-    with jax.set_mesh(self.mesh), nn.intercept_methods(self.interceptor):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jitted.lower(*args)
-
-
-def _pin_residual(sharding: jax.NamedSharding, d_model: int, next_fun: Callable[..., Any],
-                  args: Any, kwargs: Any, context: Any) -> Any:
-  """Constrains a module's [B, T, d_model] output (embeddings, sublayers, blocks) to
-  `sharding`; other outputs are left to XLA."""
-  out = next_fun(*args, **kwargs)
-  if (context.method_name == '__call__' and isinstance(out, jax.Array) and out.ndim == 3
-      and out.shape[-1] == d_model):
-    out = jax.lax.with_sharding_constraint(out, sharding)
-  return out
 
 
 def _param_shardings(model_config: lm_config.ModelConfig, config: lm_config.ParallelConfig,

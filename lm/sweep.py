@@ -38,6 +38,7 @@ import numpy as np
 
 from lm import config as lm_config
 from lm import info as info_lib
+from lm import parallel
 
 RUN_FILE = 'run.json'
 PLOTS_DIR = 'plots'
@@ -387,6 +388,7 @@ def execute(run: Run, config: lm_config.Config, run_dir: str, measure: Sequence[
 def _execute_in_child(run: Run, config: lm_config.Config, run_dir: str,
                       measure: Sequence[str]) -> str:
   logging.set_verbosity(logging.WARNING)
+  parallel.use_xla_flags(config.parallel.xla_flags)  # a fresh process: JAX has not started
   try:
     execute(run, config, run_dir, measure, progress=False)
   except Exception:  # pylint: disable=broad-except

@@ -572,6 +572,10 @@ def train(config: lm_config.Config, workdir: str, *,
   """
   from lm import data as lm_data  # pylint: disable=g-import-not-at-top (heavy, train-only)
 
+  if missing := parallel.missing_xla_flags(config.parallel.xla_flags):
+    logging.warning('parallel.xla_flags %s are not in this process\'s $XLA_FLAGS, so they '
+                    'have no effect: run.py sets them before JAX starts; from Python, set '
+                    'XLA_FLAGS before the first JAX computation.', ' '.join(missing))
   parallel.initialize(config.parallel)  # multi-host: before anything touches a device
   chief = jax.process_index() == 0  # the one process that writes logs and metrics
   workdir = os.path.abspath(workdir)

@@ -121,6 +121,8 @@ def test_wrong_type_names_key():
     (dict(sample__top_p=0.0), r'sample\.top_p'),
     (dict(parallel__strategy='fsdp'), r'parallel\.strategy'),
     (dict(parallel__mesh_fsdp=0), r'parallel\.mesh_fsdp'),
+    (dict(parallel__xla_flags='--xla_cpu_enable_fast_math=true xla_ftz'),
+     r"parallel\.xla_flags: 'xla_ftz' is not an XLA flag"),
 ])
 def test_invalid_values_name_key(overrides, pattern):
   with pytest.raises(ValueError, match=pattern):

@@ -2,6 +2,7 @@
 created sharded, checkpoints that restore on other meshes, and errors that name the fix."""
 
 import functools
+import re
 import shutil
 
 import jax
@@ -95,6 +96,21 @@ def test_model_variants_on_a_mesh_equal_one_device(overrides, mesh):
 
 
 @needs_8
+@needs_8
+def test_fsdp_gathers_weights_and_keeps_activations_batch_sharded():
+  """The model's residual-stream constraint: without it XLA follows FSDP's d_model-sharded
+  weights and all-reduces whole-batch activations ([16, 16, 128] here) instead."""
+  config = mesh_config(fsdp=8)
+  strategy = parallel.make(config, jax.devices())
+  state = strategy.init(functools.partial(train.create_state, config, axis_name=None))
+  step_fn = strategy.compile(train.train_steps, donate_argnums=(0,), state=state)
+  batch = train._stack([train_fakes.FakeData().train_batch(0, config.train.batch_size)])
+  hlo = step_fn.lower(state, strategy.shard(batch, batch_axis=1)).compile().as_text()
+  reduced = re.findall(r'= \w+\[([\d,]*)\]\S* all-reduce(?:-start)?\(', hlo)
+  assert reduced and all(len(dims.split(',')) < 3 for dims in reduced), reduced
+  assert ' all-gather' in hlo
+
+
 def test_state_is_created_sharded_by_the_logical_rules():
   config = mesh_config(data=2, expert=2, tensor=2, model__ffn='moe', model__num_experts=4)
   strategy = parallel.make(config, jax.local_devices()[:8])

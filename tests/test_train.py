@@ -10,7 +10,9 @@ import pytest
 
 from lm import checkpoint
 from lm import metrics
+from lm import parallel
 from lm import train
+from tests import cli_runs
 from tests import train_fakes
 
 
@@ -123,3 +125,23 @@ def test_finetuning_takes_the_checkpoints_model_but_the_given_context_settings()
       'ntk', 2.0, given.max_seq_len)
   learned = dataclasses.replace(saved, pos_emb='learned')
   assert train.finetune_model(learned, given).max_seq_len == saved.max_seq_len  # a shape
+
+
+def test_run_py_hands_the_configs_xla_flags_to_xla(tmp_path):
+  """The config's device count overrides the 8 fake devices of the test environment."""
+  cli_runs.write_corpus(tmp_path / 'corpus.txt')
+  flags = '--xla_force_host_platform_device_count=4'
+  process = cli_runs.launch(tmp_path, tmp_path / 'run', steps=2, overrides={
+      'parallel.xla_flags': flags, 'checkpoint.every': 2, 'eval.every': 2,
+      'optim.warmup_steps': 1})
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output
+  assert 'on 4 device(s)' in output
+  assert flags in parallel.missing_xla_flags(flags)  # this process never had them
+
+
+def test_missing_xla_flags_lists_what_the_environment_lacks(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_a=1 --xla_b')
+  assert parallel.missing_xla_flags('--xla_b --xla_a=2') == ['--xla_a=2']
+  parallel.use_xla_flags('--xla_a=2')
+  assert parallel.missing_xla_flags('--xla_b --xla_a=2') == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -105,8 +106,21 @@ def _implementation(config: ModelConfig) -> str | None:
   return 'cudnn'
 
 
+class _FlatSafePartitioned(nn.LogicallyPartitioned):
+  """A logically partitioned DenseGeneral kernel.
+
+  DenseGeneral initialises its kernel flattened to 2-D and unboxes it before reshaping, and
+  flax checks every parameter's shape by running its init in each apply. Under logical axis
+  rules (a mesh step) unboxing constrains the value to its names, which the flat kernel has
+  too few axes for; that intermediate is left unconstrained.
+  """
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
 def _partitioned(init: nn.initializers.Initializer, names: tuple[str, ...]):
-  return nn.with_logical_partitioning(init, names)
+  return lambda *args: _FlatSafePartitioned(init(*args), names)
 
 
 class Attention(nn.Module):

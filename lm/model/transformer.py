@@ -23,14 +23,27 @@ _REMAT_POLICIES = {
 }
 
 
+def pin_residual(x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+  """Keeps a residual-stream activation split over batch and sequence, d_model whole.
+
+  Under a mesh (lm.parallel traces steps under its logical axis rules) XLA's propagation would
+  otherwise follow FSDP's weights, sharded along d_model, and all-reduce full-batch activations;
+  pinned, it all-gathers each weight where it is used. Without rules (one device, pmap) this is
+  the identity.
+  """
+  return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', None))
+
+
 def _sublayer(config: ModelConfig, norm_name: str,
               fn: Callable[[jnp.ndarray], jnp.ndarray], x_BxTxD: jnp.ndarray,
               deterministic: bool) -> jnp.ndarray:
   """Pre-norm x + drop(f(norm(x))) (GPT-2, Llama) or post-norm norm(x + drop(f(x)))."""
   drop = nn.Dropout(config.resid_dropout, deterministic=deterministic)
+  normed = lambda h_BxTxD: pin_residual(norm(config, norm_name)(h_BxTxD))
+  branch = lambda h_BxTxD: pin_residual(drop(fn(h_BxTxD)))
   if config.norm_position == 'pre':
-    return x_BxTxD + drop(fn(norm(config, norm_name)(x_BxTxD)))
-  return norm(config, norm_name)(x_BxTxD + drop(fn(x_BxTxD)))
+    return pin_residual(x_BxTxD + branch(normed(x_BxTxD)))
+  return normed(x_BxTxD + branch(x_BxTxD))
 
 
 class Block(nn.Module):
@@ -119,7 +132,7 @@ class Transformer(nn.Module):
           jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
 
     x_BxTxD, token_embed = embed_lib.embed(c, tokens_BxT, positions_BxT)
-    x_BxTxD = nn.Dropout(c.embed_dropout, deterministic=deterministic)(x_BxTxD)
+    x_BxTxD = pin_residual(nn.Dropout(c.embed_dropout, deterministic=deterministic)(x_BxTxD))
 
     block_cls = _block_class(c)
     if c.scan_layers:
@@ -141,7 +154,7 @@ class Transformer(nn.Module):
             x_BxTxD, positions_BxT, segment_ids_BxT, deterministic, decode)
 
     if c.norm_position == 'pre':  # post-norm blocks already end with a norm
-      x_BxTxD = norm(c, 'final_norm')(x_BxTxD)
+      x_BxTxD = pin_residual(norm(c, 'final_norm')(x_BxTxD))
     return embed_lib.logits(c, x_BxTxD, token_embed)
 
 
