@@ -35,6 +35,7 @@ from lm import checkpoint as ckpt_lib
 from lm import config as lm_config
 from lm import evaluate as eval_lib
 from lm import model as lm_model
+from lm.data import chat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,10 +260,20 @@ class _Streamer:
       self.shown = end
 
 
+def prompt_ids(tokenizer: Any, prompt: str, template: chat.Template | None = None) -> list[int]:
+  """A prompt's token ids: EOS (a document's start) and the text; with a chat template, the
+  text as a user turn and what cues the assistant's answer, as fine-tuning rendered it."""
+  if template is None:
+    return [tokenizer.eos_id] + tokenizer.encode(prompt)
+  pieces = template.prompt([{'role': 'user', 'content': prompt}])
+  return chat.encode(tokenizer, pieces, chat.special_tokens(template, tokenizer))[0]
+
+
 def generate(model: lm_model.Transformer, params: Any, tokenizer: Any, prompts: Sequence[str],
              *, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop: str = '',
-             stream: Callable[[str], None] | None = None) -> list[str]:
+             stream: Callable[[str], None] | None = None,
+             template: chat.Template | None = None) -> list[str]:
   """Continuations of `prompts` (text after each prompt, without EOS or stop string).
 
   Args:
@@ -271,12 +282,14 @@ def generate(model: lm_model.Transformer, params: Any, tokenizer: Any, prompts: 
     tokenizer: the run's tokenizer (lm.data.load_tokenizer(workdir)).
     prompts: texts; several are decoded as one left-padded batch.
     stream: for a single prompt, called with each new piece of text as it is generated.
+    template: a chat template (chat.load_template) to render each prompt as a user turn;
+      None continues the raw text.
   """
   if stream is not None and len(prompts) != 1:
     raise ValueError('Streaming needs exactly one prompt; batched prompts return at the end.')
   eos = tokenizer.eos_id
-  ids = [fit_prompt([eos] + tokenizer.encode(p), max_new_tokens, context_length(model.config))
-         for p in prompts]
+  ids = [fit_prompt(prompt_ids(tokenizer, p, template), max_new_tokens,
+                    context_length(model.config)) for p in prompts]
   rows = [Continuation(tokenizer, row[1:] if row[0] == eos else row, stop) for row in ids]
   streamer = _Streamer(stream, stop) if stream is not None else None
 
@@ -347,9 +360,18 @@ def main(config: lm_config.Config, workdir: str, step: str | None = None,
   except (FileNotFoundError, ImportError, ValueError) as e:
     raise SystemExit(str(e)) from None
   print(f'Sampling from {source}.', file=sys.stderr)
+  template = None
+  if config.data.format != 'text':  # a chat model: prompts are user turns, as in fine-tuning
+    try:
+      template = chat.load_template(config.data.chat_template, tokenizer)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+      raise SystemExit(str(e)) from None
+    print(f'Prompts are user turns of chat template {config.data.chat_template!r} '
+          f'(data.format={config.data.format}); --config.data.format=text continues raw text.',
+          file=sys.stderr)
   s = config.sample
   options = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                 top_p=s.top_p, seed=config.seed, stop=s.stop)
+                 top_p=s.top_p, seed=config.seed, stop=s.stop, template=template)
   model = lm_model.Transformer(config.model)
   try:
     if len(prompts) == 1:

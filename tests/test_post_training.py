@@ -26,7 +26,7 @@ def test_pretrain_sft_dpo_and_task_exact_match_through_the_cli(tmp_path):
          f'--mode={mode}', *flags], cwd=ROOT, env=trained_run.cli_env(), capture_output=True,
         text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done
 
   numbers = range(40)
   sft_data = write_jsonl(tmp_path / 'sft.jsonl',
@@ -49,8 +49,13 @@ def test_pretrain_sft_dpo_and_task_exact_match_through_the_cli(tmp_path):
   assert 'train/reward_margin' in last and 'eval/reward_accuracy' in last
 
   out = run(dpo, f'--config.eval.task={task}', '--config.eval.task_max_new_tokens=4',
-            mode='eval')
+            mode='eval').stdout
   assert out.startswith('step 4: exact match ') and '/5) on ' in out
   result = json.loads((dpo / 'eval' / '4.json').read_text())
   assert result['examples'] == len(result['outputs']) == 5 and 0 <= result['exact_match'] <= 1
   assert result['chat_template'] == 'builtin'
+
+  sampled = run(sft, '--config.data.format=sft', f'--config.data.corpus={sft_data}',
+                '--prompt=3 then', '--config.sample.max_new_tokens=4', mode='sample')
+  assert "Prompts are user turns of chat template 'builtin'" in sampled.stderr
+  assert sampled.stdout.startswith('3 then')

@@ -200,3 +200,25 @@ def test_cli(run, tmp_path):
   assert batch.returncode == 0, batch.stderr
   assert batch.stdout.count('--- sample ') == 3 and '\nbeta gamma' in batch.stdout
   assert 'step 10' in batch.stderr  # a single prompt streams: test_generate_text_stop_and_stream
+
+
+def test_a_chat_template_renders_each_prompt_as_a_user_turn(run):
+  directory, workdir = run
+  from lm import evaluate  # pylint: disable=g-import-not-at-top
+  from lm import checkpoint  # pylint: disable=g-import-not-at-top
+  from lm.data import chat  # pylint: disable=g-import-not-at-top
+  config = evaluate.run_config(workdir, trained_run.config(directory))
+  params, _ = checkpoint.restore_params(workdir, 'latest', config.model)
+  tokenizer = lm_data.load_tokenizer(workdir)
+  model = lm_model.Transformer(config.model)
+  template = chat.BuiltinTemplate()
+  ids = sample.prompt_ids(tokenizer, 'alpha', template)
+  turn = [{'role': 'user', 'content': 'alpha'}]
+  assert ids == chat.encode(tokenizer, template.prompt(turn))[0]
+  assert tokenizer.decode(ids).endswith(chat.BUILTIN_MARKERS['assistant'])
+  chatted = sample.generate(model, params, tokenizer, ['alpha'], max_new_tokens=6,
+                            temperature=0.0, template=template)
+  new = sample.generate_tokens(model, params, [ids], max_new_tokens=6, eos_id=tokenizer.eos_id,
+                               pad_id=tokenizer.pad_id)
+  assert chatted == [sample.Continuation(tokenizer, ids, '').text(new[0])]
+  assert sample.prompt_ids(tokenizer, 'alpha') == [tokenizer.eos_id] + tokenizer.encode('alpha')
