@@ -43,4 +43,4 @@ def get_sweep(arg=None):
   if not lm_config.parse_arg(arg, {'base': ''})['base']:
     raise ValueError('The sweep fine-tunes a trained model: pass its workdir as '
                      '--config=experiments/context_extension/config.py:base=DIR.')
-  return dict(grid={'model.rope_scaling': list(SCALINGS)}, seeds=[0])
+  return dict(grid={'model.rope_scaling': list(SCALINGS)}, seeds=[0, 1])

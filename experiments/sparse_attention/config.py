@@ -32,4 +32,4 @@ def get_sweep(arg=None):
       {'name': 'local', 'model.attention_pattern': 'local', 'model.attention_window': BLOCK},
       {'name': 'fixed', 'model.attention_pattern': 'fixed', 'model.attention_stride': BLOCK,
        'model.attention_summary': SUMMARY},
-  ], seeds=[0])
+  ], seeds=[0, 1])
