@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import optax
 
 from lm import optim
+from lm.model import lora
 
-ADAPTER_LEAF = 'lora_b'  # zeroed, it switches a LoRA adapter off (lm.model's LoRA contract)
+ADAPTER_LEAF = lora.LEAVES[1]  # lora_b: zeroed, it switches a LoRA adapter off
 
 
 def sequence_logprobs(logits_NxTxV: jax.Array, targets_NxT: jax.Array,
@@ -73,7 +74,7 @@ def flatten_pairs(x_Bx2xT: jax.Array) -> jax.Array:
 
 def has_adapters(params: Any) -> bool:
   """Whether the parameters carry LoRA adapters (leaves named ADAPTER_LEAF)."""
-  return any(p.rsplit('/', 1)[-1] == ADAPTER_LEAF for p in optim.param_paths(params))
+  return any(map(lora.is_adapter, optim.param_paths(params)))
 
 
 def adapters_off(params: Any) -> Any:

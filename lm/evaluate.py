@@ -342,13 +342,12 @@ def evaluate_task(config: lm_config.Config, params: Any, tokenizer: Any,
   e = config.eval
   started = time.perf_counter()
   template = chat.load_template(config.data.chat_template, tokenizer)
-  special = chat.special_tokens(template, tokenizer)
   examples = [(record['prompt'], *chat.task_example(record, where))
               for where, record in chat.read_jsonl(e.task)]
   if not examples:
     raise ValueError(f'eval.task={e.task!r} holds no examples. Write one {{"prompt", "answer"}} '
                      'object per line.')
-  prompts = [chat.encode(tokenizer, template.prompt(messages), special)[0]
+  prompts = [chat.prompt_ids(tokenizer, template, messages)
              for _, messages, _ in examples]
   model = lm_model.Transformer(config.model)
   texts = []

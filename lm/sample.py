@@ -265,8 +265,7 @@ def prompt_ids(tokenizer: Any, prompt: str, template: chat.Template | None = Non
   text as a user turn and what cues the assistant's answer, as fine-tuning rendered it."""
   if template is None:
     return [tokenizer.eos_id] + tokenizer.encode(prompt)
-  pieces = template.prompt([{'role': 'user', 'content': prompt}])
-  return chat.encode(tokenizer, pieces, chat.special_tokens(template, tokenizer))[0]
+  return chat.prompt_ids(tokenizer, template, [{'role': 'user', 'content': prompt}])
 
 
 def generate(model: lm_model.Transformer, params: Any, tokenizer: Any, prompts: Sequence[str],

@@ -234,6 +234,11 @@ def encode(tokenizer: Any, pieces: Sequence[Piece],
   return ids, mask
 
 
+def prompt_ids(tokenizer: Any, template: Template, messages: Sequence[Message]) -> list[int]:
+  """The conversation so far and the assistant's cue, as token ids (for generation)."""
+  return encode(tokenizer, template.prompt(messages), special_tokens(template, tokenizer))[0]
+
+
 def special_tokens(template: Template, tokenizer: Any) -> dict[str, int]:
   """Token texts that a Jinja template writes for special ids (bos_token, eos_token)."""
   if not isinstance(template, JinjaTemplate):
