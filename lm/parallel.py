@@ -113,6 +113,35 @@ def abstract_params(model_config: lm_config.ModelConfig) -> Any:
 # ---------------------------------------------------------------------------------------------
 # pmap.
 
+# XLA:CPU all-reduces each array separately, each with its own rendezvous of the devices: about
+# 0.1 ms an array, whatever its size. So psum_tree sums flat buckets of this many bytes there.
+CPU_BUCKET_BYTES = 32 << 20
+
+
+def psum_tree(tree: Any, axis_name: str) -> Any:
+  """lax.psum of every leaf over `axis_name`, with the same values.
+
+  On CPU the leaves travel as few flat buffers (one per dtype and CPU_BUCKET_BYTES), which takes
+  shakespeare_char's gradient sum over two host devices from 3.7 to 1.3 ms. Other backends
+  combine all-reduces themselves, and get the plain psum.
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.lax.psum(tree, axis_name)
+  leaves, treedef = jax.tree.flatten(tree)
+  buckets: dict[Any, list[list[int]]] = {}  # dtype -> buckets of leaf indices
+  for i, leaf in enumerate(leaves):
+    groups = buckets.setdefault(leaf.dtype, [[]])
+    if groups[-1] and sum(leaves[j].nbytes for j in groups[-1]) + leaf.nbytes > CPU_BUCKET_BYTES:
+      groups.append([])
+    groups[-1].append(i)
+  summed = list(leaves)
+  for bucket in (b for groups in buckets.values() for b in groups):
+    flat = jax.lax.psum(jnp.concatenate([leaves[i].ravel() for i in bucket]), axis_name)
+    offsets = np.cumsum([0] + [leaves[i].size for i in bucket])
+    for i, start, stop in zip(bucket, offsets[:-1], offsets[1:]):
+      summed[i] = flat[start:stop].reshape(leaves[i].shape)
+  return jax.tree.unflatten(treedef, summed)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:

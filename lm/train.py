@@ -6,9 +6,9 @@ steps per call under lax.scan. Gradients are token-weighted over the whole globa
 device and micro-batch differentiates its weighted cross-entropy sum divided by the global
 weight, so the sum of those gradients over micro-batches and devices (lax.psum under pmap;
 implicit under the mesh's jit) is exactly the large-batch gradient. With data.format=preference
-the objective is DPO's (lm.dpo) on pairs [B, 2, T], weighted per pair instead. A non-finite loss,
-gradient or update keeps the previous parameters and optimizer state (the step counter still
-advances past the bad batch, the optimizer's own count and schedule do not).
+the objective is DPO's (lm.dpo) on pairs [B, 2, T], weighted per pair instead. A non-finite loss
+or gradient keeps the previous parameters and optimizer state (the step counter still advances
+past the bad batch, the optimizer's own count and schedule do not).
 
 The loop resumes from DIR/checkpoints by itself, logs to DIR/metrics.jsonl and TensorBoard,
 evaluates, checkpoints asynchronously, and turns SIGTERM into a checkpoint and a clean exit.
@@ -192,8 +192,15 @@ def _gradients(state: TrainState, batch: Mapping[str, jax.Array], weight_total: 
   return grads, stats
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-  """One optimizer step on this device's share [B_local, T] of the global batch."""
+def train_step(state: TrainState, batch: Mapping[str, jax.Array],
+               measure_norms: bool | jax.Array = True) -> tuple[TrainState, dict]:
+  """One optimizer step on this device's share [B_local, T] of the global batch.
+
+  The step is skipped (parameters and optimizer state kept) if the loss or the gradient norm is
+  not finite; a finite gradient gives a finite update. `measure_norms` (a bool, or a traced one
+  under lax.scan) says whether to measure the parameter and update norms, two more passes over
+  the parameters; they are NaN where it is false.
+  """
   o = state.options
   weight_total = jnp.maximum(_psum(loss_weight(batch, o), o.axis_name), 1e-9)
   rng = None
@@ -202,27 +209,34 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Train
     if o.axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(o.axis_name))
   grads, stats = _gradients(state, batch, weight_total, rng)
-  grads = _psum(grads, o.axis_name)
+  if o.axis_name is not None:
+    grads = parallel.psum_tree(grads, o.axis_name)
   # Means over the global batch (DPO: reward_accuracy, reward_margin, ... over pairs).
   means = {k[:-len('_sum')]: v / weight_total for k, v in _psum(
       {k: v for k, v in stats.items() if k.endswith('_sum')}, o.axis_name).items()}
   loss = means.pop('loss')
   moe = _pmean({k: stats[k] for k in ('router_aux_loss', 'router_z_loss')}, o.axis_name)
 
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
   keep = lambda new, old: jax.tree.map(lambda n, p: jnp.where(finite, n, p), new, old)
-  params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
+  params, opt_state = keep((optax.apply_updates(state.params, updates), opt_state),
+                           (state.params, state.opt_state))
+  norms = lambda: (jnp.where(finite, optax.tree.norm(updates), 0.0), optax.tree.norm(params))
+  if isinstance(measure_norms, bool):
+    update_norm, param_norm = norms() if measure_norms else (jnp.nan, jnp.nan)
+  else:
+    update_norm, param_norm = jax.lax.cond(
+        measure_norms, norms, lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
   metrics = {
       'loss': loss,
       **means,
       'router_aux_loss': moe['router_aux_loss'],
       'router_z_loss': moe['router_z_loss'],
       'grad_norm': grad_norm,
-      'update_norm': jnp.where(finite, update_norm, 0.0),
-      'param_norm': optax.tree.norm(params),
+      'update_norm': update_norm,
+      'param_norm': param_norm,
       'lr': jnp.asarray(state.lr(state.step), jnp.float32),
       'tokens': weight_total if o.objective == 'lm' else _psum(
           jnp.sum(batch['weights'].astype(jnp.float32)), o.axis_name),
@@ -233,8 +247,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Train
 
 
 def train_steps(state: TrainState, batches: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-  """Several steps in one compiled call: batches [K, B_local, T] -> metrics [K]."""
-  return jax.lax.scan(train_step, state, batches)
+  """Several steps in one compiled call: batches [K, B_local, T] -> metrics [K].
+
+  Only the last step measures the parameter and update norms (the loop logs the last step's
+  metrics of each call); the others report NaN for them.
+  """
+  num_steps = jax.tree.leaves(batches)[0].shape[0]
+  step = lambda state, inputs: train_step(state, inputs[1], inputs[0] == num_steps - 1)
+  return jax.lax.scan(step, state, (jnp.arange(num_steps), batches))
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,6 +51,23 @@ def one_device(steps, **overrides):
 def assert_params_close(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)  # Adam: tiny grads flip
+
+
+@pytest.mark.parametrize('bucket_bytes', [32 << 20, 1000])
+def test_psum_tree_equals_psum_leaf_by_leaf(monkeypatch, bucket_bytes):
+  """Flat buckets (by dtype, split at CPU_BUCKET_BYTES) give every leaf its own psum back."""
+  monkeypatch.setattr(parallel, 'CPU_BUCKET_BYTES', bucket_bytes)
+  n = jax.local_device_count()
+  rng = np.random.default_rng(0)
+  tree = {'a': rng.normal(size=(n, 3, 50)).astype(np.float32),
+          'b': [rng.normal(size=(n, 200)).astype(np.float32),
+                rng.normal(size=(n, 7)).astype(jnp.bfloat16)],
+          'c': rng.normal(size=(n,)).astype(np.float32)}
+  ours = jax.pmap(lambda t: parallel.psum_tree(t, 'i'), axis_name='i')(tree)
+  plain = jax.pmap(lambda t: jax.lax.psum(t, 'i'), axis_name='i')(tree)
+  for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
 @needs_8

@@ -71,6 +71,23 @@ def test_non_finite_loss_skips_the_update():
   assert float(m['update_norm'][0]) > 0
 
 
+def test_a_call_measures_norms_at_its_last_step_only():
+  """train_steps' last step reports the norms train_step measures; earlier steps report NaN."""
+  config = train_fakes.tiny_config()
+  data = train_fakes.FakeData()
+  state = train.create_state(config)
+  _, m = STEPS(state, train._stack([data.train_batch(s, 16) for s in range(3)]))
+  state = train.create_state(config)
+  for s in range(3):
+    state, single = jax.jit(train.train_step)(state, data.train_batch(s, 16))
+  for key in ('param_norm', 'update_norm'):
+    assert np.isnan(m[key][:2]).all(), key
+    np.testing.assert_allclose(m[key][2], single[key], rtol=1e-5)
+    assert float(single[key]) > 0
+  assert np.isfinite(m['grad_norm']).all()
+  np.testing.assert_allclose(m['loss'][2], single['loss'], rtol=1e-5)
+
+
 def test_train_writes_config_metrics_events_and_checkpoints(tmp_path):
   config = train_fakes.tiny_config(**LOOP_CONFIG)
   result = train.train(config, str(tmp_path), data=train_fakes.FakeData(), progress=False)
