@@ -36,13 +36,17 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default a fresh 
 
 
 def summarize(workdir: str, wall_seconds: float) -> dict:
-  """Mean speed over the log intervals after the first (which holds the compile)."""
+  """Speed over the log intervals after the first (which holds the compile): the mean, and the
+  median, which a busy neighbour on a shared machine or a background checkpoint write moves
+  less."""
   records = metrics.read(workdir)
   timed = [r for r in records if r.get('train/step_time_ms') is not None][1:] or records
   evals = [r for r in records if 'eval/loss' in r]
-  mean = lambda key: float(np.mean([r[key] for r in timed if r.get(key) is not None]))
+  values = lambda key: [r[key] for r in timed if r.get(key) is not None]
+  mean = lambda key: float(np.mean(values(key)))
   return {
       'ms_per_step': mean('train/step_time_ms'),
+      'ms_per_step_median': float(np.median(values('train/step_time_ms'))),
       'tokens_per_sec': mean('train/tokens_per_sec'),
       'mfu': mean('train/mfu'),
       'final_val_loss': evals[-1]['eval/loss'],
