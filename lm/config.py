@@ -619,6 +619,9 @@ def _validate_training(c: Config) -> None:
     _probability(f'optim.{key}', getattr(o, key))
   for key in ('eps', 'weight_decay', 'grad_clip'):
     _non_negative(f'optim.{key}', getattr(o, key))
+  if o.name in ('adamw', 'muon') and o.eps <= 0:  # it divides: 0 / 0 where a gradient is 0
+    _fail('optim.eps', f'must be > 0 for optim.name={o.name!r}, got {o.eps}',
+          'Set a small positive value such as 1e-8.')
   _positive('checkpoint.every', k.every)
   _positive('checkpoint.keep', k.keep)
   _non_negative('checkpoint.keep_best', k.keep_best)

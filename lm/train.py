@@ -48,7 +48,7 @@ from lm.model import lora as lora_lib
 
 
 class NonFiniteLossError(RuntimeError):
-  """train.max_nan_steps consecutive updates were skipped for a NaN or Inf loss."""
+  """train.max_nan_steps consecutive updates were skipped for a NaN or Inf loss or gradient."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,9 +197,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   """One optimizer step on this device's share [B_local, T] of the global batch.
 
   The step is skipped (parameters and optimizer state kept) if the loss or the gradient norm is
-  not finite; a finite gradient gives a finite update. `measure_norms` (a bool, or a traced one
-  under lax.scan) says whether to measure the parameter and update norms, two more passes over
-  the parameters; they are NaN where it is false.
+  not finite; a finite gradient gives a finite update (optim.eps > 0 where it divides).
+  `measure_norms` (a bool, or a traced one under lax.scan) says whether to measure the parameter
+  and update norms, two more passes over the parameters; they are NaN where it is false.
   """
   o = state.options
   weight_total = jnp.maximum(_psum(loss_weight(batch, o), o.axis_name), 1e-9)
@@ -223,12 +223,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   keep = lambda new, old: jax.tree.map(lambda n, p: jnp.where(finite, n, p), new, old)
   params, opt_state = keep((optax.apply_updates(state.params, updates), opt_state),
                            (state.params, state.opt_state))
-  norms = lambda: (jnp.where(finite, optax.tree.norm(updates), 0.0), optax.tree.norm(params))
+  norms = lambda: (jnp.where(finite, optax.tree.norm(updates), 0.0).astype(jnp.float32),
+                   optax.tree.norm(params).astype(jnp.float32))
+  unmeasured = lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan))
   if isinstance(measure_norms, bool):
-    update_norm, param_norm = norms() if measure_norms else (jnp.nan, jnp.nan)
+    update_norm, param_norm = (norms if measure_norms else unmeasured)()
   else:
-    update_norm, param_norm = jax.lax.cond(
-        measure_norms, norms, lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
+    update_norm, param_norm = jax.lax.cond(measure_norms, norms, unmeasured)
   metrics = {
       'loss': loss,
       **means,
@@ -253,7 +254,10 @@ def train_steps(state: TrainState, batches: Mapping[str, jax.Array]) -> tuple[Tr
   metrics of each call); the others report NaN for them.
   """
   num_steps = jax.tree.leaves(batches)[0].shape[0]
-  step = lambda state, inputs: train_step(state, inputs[1], inputs[0] == num_steps - 1)
+  def step(state, indexed_batch):
+    index, batch = indexed_batch
+    return train_step(state, batch, measure_norms=index == num_steps - 1)
+
   return jax.lax.scan(step, state, (jnp.arange(num_steps), batches))
 
 
@@ -554,13 +558,14 @@ class _Monitor:
       self.nan_run = self.nan_run + 1 if skipped else 0
       if skipped:
         self.skipped += 1
-        self._bar.write(f'Step {first_step + i}: non-finite loss ({host["loss"][i]}); update '
+        self._bar.write(f'Step {first_step + i}: non-finite loss or gradient (loss '
+                        f'{host["loss"][i]}, gradient norm {host["grad_norm"][i]}); update '
                         f'skipped ({self.nan_run} in a row).')
       if self.nan_run >= self._config.train.max_nan_steps:
         raise NonFiniteLossError(
             f'Stopping at step {first_step + i + 1}: {self.nan_run} consecutive steps had a NaN '
-            f'or Inf loss (train.max_nan_steps={self._config.train.max_nan_steps}). The last '
-            f'good checkpoint is in {self._checkpoint_dir}. Lower optim.lr, raise '
+            f'or Inf loss or gradient (train.max_nan_steps={self._config.train.max_nan_steps}). '
+            f'The last good checkpoint is in {self._checkpoint_dir}. Lower optim.lr, raise '
             'optim.warmup_steps or set optim.grad_clip, and run again to resume.')
     self.last = {k: float(v[-1]) for k, v in host.items() if k != 'skipped'}
     _, tokens_per_sec, mfu = self.throughput()

@@ -118,6 +118,7 @@ def test_wrong_type_names_key():
     (dict(optim__name='sgdd'), r"optim\.name.*'sgdd'"),
     (dict(optim__warmup_steps=5000, train__steps=100), r'optim\.warmup_steps.*exceeds'),
     (dict(optim__b2=1.0), r'optim\.b2'),
+    (dict(optim__eps=0.0), r'optim\.eps: must be > 0 for optim\.name=.adamw.'),
     (dict(sample__top_p=0.0), r'sample\.top_p'),
     (dict(parallel__strategy='fsdp'), r'parallel\.strategy'),
     (dict(parallel__mesh_fsdp=0), r'parallel\.mesh_fsdp'),

@@ -279,12 +279,15 @@ def test_nan_or_inf_losses_are_skipped_even_in_warmup_and_a_run_of_them_stops(tm
   config = train_fakes.tiny_config(**LOOP)
   data = train_fakes.FakeData(poison_steps={0, 1}, poison_from=10)
   with pytest.raises(train.NonFiniteLossError,
-                     match=r'Stopping at step 13: 3 consecutive steps had a NaN or Inf loss '
-                     r'\(train.max_nan_steps=3\)\. The last good checkpoint is in .*checkpoints'):
+                     match=r'Stopping at step 13: 3 consecutive steps had a NaN or Inf loss or '
+                     r'gradient \(train.max_nan_steps=3\)\. The last good checkpoint is in '
+                     r'.*checkpoints'):
     train.train(config, str(tmp_path), data=data, progress=False)
   printed = capsys.readouterr().out
-  assert 'Step 0: non-finite loss (nan); update skipped (1 in a row)' in printed
-  assert 'Step 12: non-finite loss (nan); update skipped (3 in a row)' in printed  # inf / inf
+  assert ('Step 0: non-finite loss or gradient (loss nan, gradient norm nan); update skipped '
+          '(1 in a row)') in printed
+  assert ('Step 12: non-finite loss or gradient (loss nan, gradient norm nan); update skipped '
+          '(3 in a row)') in printed  # inf / inf
   first = metrics.read(str(tmp_path))[0]
   assert first['step'] == 5 and first['train/skipped_steps'] == 2
   assert np.isfinite(first['train/loss'])

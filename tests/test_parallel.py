@@ -53,9 +53,16 @@ def assert_params_close(a, b):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)  # Adam: tiny grads flip
 
 
+def test_buckets_group_by_dtype_in_order_up_to_the_size():
+  f32, bf16 = lambda n: jnp.zeros((n,), jnp.float32), lambda n: jnp.zeros((n,), jnp.bfloat16)
+  leaves = [f32(100), bf16(10), f32(100), f32(300), bf16(10), f32(1)]  # 400, 20, 400, 1200 ... B
+  assert parallel.buckets(leaves, 1000) == [[0, 2], [3], [5], [1, 4]]
+  assert parallel.buckets(leaves, 1 << 20) == [[0, 2, 3, 5], [1, 4]]
+  assert parallel.buckets([], 1000) == []
+
+
 @pytest.mark.parametrize('bucket_bytes', [32 << 20, 1000])
-def test_psum_tree_equals_psum_leaf_by_leaf(monkeypatch, bucket_bytes):
-  """Flat buckets (by dtype, split at CPU_BUCKET_BYTES) give every leaf its own psum back."""
+def test_psum_tree_equals_psum_leaf_by_leaf_with_one_psum_a_bucket(monkeypatch, bucket_bytes):
   monkeypatch.setattr(parallel, 'CPU_BUCKET_BYTES', bucket_bytes)
   n = jax.local_device_count()
   rng = np.random.default_rng(0)
@@ -68,6 +75,10 @@ def test_psum_tree_equals_psum_leaf_by_leaf(monkeypatch, bucket_bytes):
   for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
     assert x.dtype == y.dtype and x.shape == y.shape
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  one_device = jax.tree.map(lambda x: x[0], tree)
+  jaxpr = jax.make_jaxpr(lambda t: parallel.psum_tree(t, 'i'), axis_env=[('i', n)])(one_device)
+  psums = [e for e in jaxpr.eqns if e.primitive.name == 'psum']
+  assert len(psums) == len(parallel.buckets(jax.tree.leaves(one_device), bucket_bytes))
 
 
 @needs_8

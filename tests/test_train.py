@@ -88,6 +88,13 @@ def test_a_call_measures_norms_at_its_last_step_only():
   np.testing.assert_allclose(m['loss'][2], single['loss'], rtol=1e-5)
 
 
+def test_norms_of_bfloat16_parameters_are_float32():
+  state = train.create_state(train_fakes.tiny_config(model__param_dtype='bfloat16'))
+  batches = train._stack([train_fakes.FakeData().train_batch(s, 16) for s in range(2)])
+  _, m = jax.jit(train.train_steps)(state, batches)
+  assert m['param_norm'].dtype == np.float32 and np.isfinite(m['param_norm'][-1])
+
+
 def test_train_writes_config_metrics_events_and_checkpoints(tmp_path):
   config = train_fakes.tiny_config(**LOOP_CONFIG)
   result = train.train(config, str(tmp_path), data=train_fakes.FakeData(), progress=False)
