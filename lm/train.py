@@ -254,6 +254,7 @@ def train_steps(state: TrainState, batches: Mapping[str, jax.Array]) -> tuple[Tr
   metrics of each call); the others report NaN for them.
   """
   num_steps = jax.tree.leaves(batches)[0].shape[0]
+
   def step(state, indexed_batch):
     index, batch = indexed_batch
     return train_step(state, batch, measure_norms=index == num_steps - 1)
