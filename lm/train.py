@@ -226,10 +226,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   norms = lambda: (jnp.where(finite, optax.tree.norm(updates), 0.0).astype(jnp.float32),
                    optax.tree.norm(params).astype(jnp.float32))
   unmeasured = lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan))
-  if isinstance(measure_norms, bool):
-    update_norm, param_norm = (norms if measure_norms else unmeasured)()
-  else:
-    update_norm, param_norm = jax.lax.cond(measure_norms, norms, unmeasured)
+  update_norm, param_norm = jax.lax.cond(measure_norms, norms, unmeasured)
   metrics = {
       'loss': loss,
       **means,
