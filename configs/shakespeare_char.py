@@ -37,11 +37,15 @@ def get_config(arg=None):
   # nanoGPT-style 20 random batches; the same in an independent minimal JAX GPT), not the
   # 1.88 nanoGPT reports; 2e-3 reaches about 1.84. benchmarks/BENCHMARKS.md has both.
   o.decay_embeddings = True  # nanoGPT decays every 2-D weight, the tied embedding included
-  # CPU speed (53 -> 36 ms/step on 2 cores, benchmarks/BENCHMARKS.md): two host devices, each
-  # running its half of the batch on its own threads (tiny matmuls scale poorly across cores),
-  # and XLA's YNNPACK library for the matmuls alone (its reductions are slower here).
+  # CPU speed (53 -> 30 ms/step on 2 cores, benchmarks/BENCHMARKS.md): two host devices, each
+  # running its half of the batch on its own threads (tiny matmuls scale poorly across cores);
+  # XLA's YNNPACK library for the matmuls alone (its reductions are slower here); and no
+  # tree_reduction_rewriter, which splits every row reduction (softmax, norms) into a slow
+  # reduce-window plus a second reduction instead of fusing it with its producer. It exists for
+  # the precision of very long float32 sums; here the longest is a 128 x 512 weight's norm.
   config.parallel.xla_flags = ('--xla_force_host_platform_device_count=2 '
-                               '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT')
+                               '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT '
+                               '--xla_disable_hlo_passes=tree_reduction_rewriter')
   config.checkpoint.every = 500
   config.eval.every = 500
   config.eval.batch_size = 64

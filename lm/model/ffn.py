@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from lm.config import ModelConfig
 from lm.model import lora as lora_lib
+from lm.model import matmul
 
 
 def residual_std(config: ModelConfig) -> float:
@@ -17,7 +18,8 @@ def residual_std(config: ModelConfig) -> float:
 def dense(config: ModelConfig, features: int, axes: tuple[str | None, str | None], *,
           name: str, std: float | None = None, use_bias: bool | None = None,
           dtype: jnp.dtype | None = None) -> nn.Dense:
-  """nn.Dense with a normal(std) kernel and zero bias, both carrying logical axis names.
+  """nn.Dense with a normal(std) kernel and zero bias, both carrying logical axis names, and
+  lm.model.matmul's weight gradient.
 
   Args:
     config: sizes, dtypes and defaults (init_std, use_bias).
@@ -36,6 +38,7 @@ def dense(config: ModelConfig, features: int, axes: tuple[str | None, str | None
       param_dtype=jnp.dtype(config.param_dtype),
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+      dot_general=matmul.dot_general,
       name=name)
 
 
