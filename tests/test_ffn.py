@@ -4,7 +4,6 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from configs import base
 from lm.config import Config, ModelConfig
 from lm.model import ffn as ffn_lib
-from lm.model import matmul
 from lm.model import norms
 
 
@@ -140,53 +138,3 @@ def test_norm_statistics_are_float32_under_bf16():
   xf = np.asarray(x, np.float32)
   expected = (xf - xf.mean(-1, keepdims=True)) / np.sqrt(xf.var(-1, keepdims=True) + 1e-5)
   np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=0.05)
-
-
-# --- lm/model/matmul.py: nn.Dense's matmul with its weight gradient reoriented on CPU.
-
-
-@pytest.mark.parametrize('k, n', [(48, 16), (16, 48), (24, 24)])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_matmul_gradients_equal_lax_dot_general(k, n, dtype):
-  x_BxTxK = _x((2, 5, k)).astype(dtype)
-  w_KxN = _x((k, n), seed=2).astype(dtype)
-  dims = (((2,), (0,)), ((), ()))
-  loss = lambda dot: lambda x, w: jnp.sum(jnp.sin(dot(x, w, dims).astype(jnp.float32)))
-  grads = jax.jit(jax.grad(loss(matmul.dot_general), argnums=(0, 1)))(x_BxTxK, w_KxN)
-  expected = jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x_BxTxK, w_KxN)
-  for got, want in zip(grads, expected):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-2 if
-                               dtype == jnp.bfloat16 else 1e-5, atol=1e-5)
-
-
-def _weight_gradient_dot_shapes(k, n):
-  x, w = _x((3, 7, k)), _x((k, n), seed=2)
-  f = lambda w: jnp.sum(matmul.dot_general(x, w, (((2,), (0,)), ((), ()))) ** 2)
-  jaxpr = jax.make_jaxpr(jax.grad(f))(w)
-  shapes = []
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'dot_general':
-        shapes.append(tuple(eqn.outvars[0].aval.shape))
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        visit(sub)
-
-  visit(jaxpr.jaxpr)
-  return shapes
-
-
-def test_matmul_weight_gradient_takes_the_wider_orientation():
-  # Besides the forward [3, 7, N] and dx [3, 7, K], one matmul gives the weight gradient: dW
-  # [16, 48] itself, or dW^T [16, 48] when dW is [48, 16] (then transposed), never [48, 16].
-  for k, n in [(16, 48), (48, 16)]:
-    shapes = _weight_gradient_dot_shapes(k, n)
-    assert sorted(shapes) == sorted([(3, 7, n), (3, 7, k), (16, 48)]), (k, n, shapes)
-
-
-def test_matmul_leaves_other_contractions_to_lax():
-  a, b = _x((4, 6)), _x((5, 6), seed=2)
-  dims = (((1,), (1,)), ((), ()))
-  np.testing.assert_array_equal(matmul.dot_general(a, b, dims), jax.lax.dot_general(a, b, dims))
-  assert 'custom_vjp' not in str(jax.make_jaxpr(lambda a, b: matmul.dot_general(a, b, dims))(a, b))

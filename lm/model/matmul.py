@@ -1,42 +1,57 @@
 """nn.Dense's `x @ W`, with its weight gradient computed in the orientation XLA:CPU runs fastest.
 
-For y[M, N] = x[M, K] @ W[K, N] over M tokens, the weight gradient dW[K, N] = x^T dy contracts
-the token axis of both operands. XLA:CPU's matmul for that form is up to 1.4-2x faster when
-its output is the wider of the two orientations: dW^T[N, K] = dy^T x transposed is faster when
-N < K (fc_out, down, the LM head) and dW itself when N >= K (fc_in, up, gate).
-benchmarks/BENCHMARKS.md (session 6) has the figures. Left to itself XLA picks one orientation
-for every weight and the narrow one costs shakespeare_char about 2 ms of its 30 ms step. On
-other backends the matmul libraries take transposed operands as they are, so there this is
-plain `lax.dot_general`.
+Here x is [..., I] and W [I, O] (I, O: the layer's input and output widths). The weight gradient
+dW [I, O] = x^T dy contracts every leading (token) axis of both operands, and XLA:CPU ran that
+matmul 1.1-1.9x faster when its output is the wider of the two orientations: dW^T [O, I] =
+dy^T x, then transposed, when O < I (fc_out, down, the LM head); dW itself when O >= I (fc_in,
+up, gate). Left to itself XLA picks one orientation for every weight; on shakespeare_char the
+narrow one cost about 2 ms of a 30 ms step (benchmarks/BENCHMARKS.md, session 6;
+benchmarks/weight_grad.py times both). Other backends' matmul libraries take transposed
+operands as they are, so there this is plain `lax.dot_general`.
+
+On CPU the custom VJP rules out forward-mode derivatives (jax.jvp, jacfwd, hessian) through a
+Dense layer; nothing in lm takes them. Its output carries the checkpoint name CHECKPOINT_NAME,
+which the transformer's 'dots' remat policies save as they save every other matmul.
 """
 
 import functools
 
 import jax
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+CHECKPOINT_NAME = 'dense_matmul'
+
+
+def _leading_axes(x: jax.Array) -> tuple[int, ...]:
+  return tuple(range(x.ndim - 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x_MxK: jax.Array, w_KxN: jax.Array, precision) -> jax.Array:
-  return lax.dot_general(x_MxK, w_KxN, (((x_MxK.ndim - 1,), (0,)), ((), ())),
+def _matmul(x_XxI: jax.Array, w_IxO: jax.Array, precision) -> jax.Array:
+  """x [..., I] @ w [I, O] -> [..., O]; X stands for the leading (token) axes."""
+  return lax.dot_general(x_XxI, w_IxO, (((x_XxI.ndim - 1,), (0,)), ((), ())),
                          precision=precision)
 
 
-def _matmul_fwd(x, w, precision):
-  return _matmul(x, w, precision), (x, w)
+def _matmul_fwd(x_XxI, w_IxO, precision):
+  return _matmul(x_XxI, w_IxO, precision), (x_XxI, w_IxO)
 
 
-def _matmul_bwd(precision, residuals, dy):
-  x, w = residuals
+def _matmul_bwd(precision, residuals, dy_XxO):
+  """dx = dy w^T; dw = x^T dy in its wider orientation (module docstring)."""
+  x_XxI, w_IxO = residuals
   contract = lambda a, b, dims: lax.dot_general(a, b, (dims, ((), ())), precision=precision)
-  dx = contract(dy, w, ((dy.ndim - 1,), (1,)))
-  x_MxK, dy_MxN = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if dy_MxN.shape[1] < x_MxK.shape[1]:
+  dx_XxI = contract(dy_XxO, w_IxO, ((dy_XxO.ndim - 1,), (1,)))
+  # The token axes are contracted where they are: reshaped to one axis, they would cost
+  # all-gathers under a mesh that splits them two ways (batch and context).
+  tokens = _leading_axes(x_XxI)
+  if w_IxO.shape[1] < w_IxO.shape[0]:
     # The barrier keeps XLA from folding the transpose back into the matmul.
-    dw = lax.optimization_barrier(contract(dy_MxN, x_MxK, ((0,), (0,)))).T
+    dw_IxO = lax.optimization_barrier(contract(dy_XxO, x_XxI, (tokens, tokens))).T
   else:
-    dw = contract(x_MxK, dy_MxN, ((0,), (0,)))
-  return dx, dw.astype(w.dtype)
+    dw_IxO = contract(x_XxI, dy_XxO, (tokens, tokens))
+  return dx_XxI.astype(x_XxI.dtype), dw_IxO.astype(w_IxO.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -44,10 +59,10 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                 preferred_element_type=None) -> jax.Array:
-  """lax.dot_general; on CPU, `x[..., K] @ W[K, N]` (nn.Dense's call) takes the VJP above."""
+  """lax.dot_general; on CPU, `x[..., I] @ W[I, O]` (nn.Dense's call) takes the VJP above."""
   is_dense = (rhs.ndim == 2 and preferred_element_type is None
               and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())))
   if is_dense and jax.default_backend() == 'cpu':
-    return _matmul(lhs, rhs, precision)
+    return checkpoint_name(_matmul(lhs, rhs, precision), CHECKPOINT_NAME)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type)

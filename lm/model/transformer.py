@@ -12,14 +12,19 @@ import jax.numpy as jnp
 from lm.config import ModelConfig
 from lm.model import embed as embed_lib
 from lm.model import ffn as ffn_lib
+from lm.model import matmul
 from lm.model import moe as moe_lib
 from lm.model.attention import Attention
 from lm.model.norms import norm
 
+# The 'dots' policies also save Dense matmuls, which on CPU are lm.model.matmul's custom VJP.
+_SAVE_DENSE = jax.checkpoint_policies.save_only_these_names(matmul.CHECKPOINT_NAME)
 _REMAT_POLICIES = {
     'full': None,  # save nothing, recompute the whole block
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _SAVE_DENSE),
+    'dots_no_batch': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _SAVE_DENSE),
 }
 
 
