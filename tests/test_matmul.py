@@ -7,21 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
-from lm.config import Config, ModelConfig
 from lm.model import Transformer
 from lm.model import ffn as ffn_lib
 from lm.model import matmul
+from tests.test_ffn import tiny
 
 DENSE_DIMS = (((2,), (0,)), ((), ()))  # x [B, T, I] @ w [I, O], as nn.Dense calls it
-
-
-def tiny(**overrides) -> ModelConfig:
-  c = base.get_config()
-  c.model.update(dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
-                      d_ff=48))
-  c.model.update(overrides)
-  return Config.from_config_dict(c).model
 
 
 def _normal(shape, seed):
