@@ -23,10 +23,6 @@ from jax.ad_checkpoint import checkpoint_name
 CHECKPOINT_NAME = 'dense_matmul'
 
 
-def _leading_axes(x: jax.Array) -> tuple[int, ...]:
-  return tuple(range(x.ndim - 1))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x_XxI: jax.Array, w_IxO: jax.Array, precision) -> jax.Array:
   """x [..., I] @ w [I, O] -> [..., O]; X stands for the leading (token) axes."""
@@ -45,7 +41,7 @@ def _matmul_bwd(precision, residuals, dy_XxO):
   dx_XxI = contract(dy_XxO, w_IxO, ((dy_XxO.ndim - 1,), (1,)))
   # The token axes are contracted where they are: reshaped to one axis, they would cost
   # all-gathers under a mesh that splits them two ways (batch and context).
-  tokens = _leading_axes(x_XxI)
+  tokens = tuple(range(x_XxI.ndim - 1))
   if w_IxO.shape[1] < w_IxO.shape[0]:
     # The barrier keeps XLA from folding the transpose back into the matmul.
     dw_IxO = lax.optimization_barrier(contract(dy_XxO, x_XxI, (tokens, tokens))).T
