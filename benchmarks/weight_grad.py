@@ -2,32 +2,31 @@
 
   .venv/bin/python benchmarks/weight_grad.py [--shapes=384x128x512,384x512x128,...]
 
-For x [M, K] and dy [M, N] it times dW = x^T dy computed directly ([K, N]) and as the
-transpose of dW^T = dy^T x ([N, K], then transposed), each jitted alone, fastest of 5 rounds.
-lm.model.matmul takes the direct form when N >= K and the transposed one when N < K; run this
-under a config's XLA_FLAGS (e.g. its parallel.xla_flags) to check that rule on another machine.
+For x [M, I] and dy [M, O] it times lm.model.matmul.weight_gradient both ways: dW = x^T dy
+computed directly ([I, O]) and as the transpose of dW^T = dy^T x ([O, I]), each jitted alone,
+fastest of 5 rounds, and names the one lm picks (`matmul.transposes`: transposed when O < I).
+Run it under a config's XLA_FLAGS (e.g. its parallel.xla_flags) to check that rule on another
+machine.
 """
 
+import functools
 import json
+import os
+import sys
 import time
 
 from absl import app
 from absl import flags
 import jax
-from jax import lax
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lm.model import matmul  # pylint: disable=g-import-not-at-top
 
 _SHAPES = flags.DEFINE_list(
     'shapes', ['384x128x512', '384x512x128', '2048x768x3072', '2048x3072x768', '384x128x65'],
-    'MxKxN: tokens, input width, output width.')
-
-
-def direct(x_MxK, dy_MxN):
-  return lax.dot_general(x_MxK, dy_MxN, (((0,), (0,)), ((), ())))
-
-
-def transposed(x_MxK, dy_MxN):
-  return lax.optimization_barrier(lax.dot_general(dy_MxN, x_MxK, (((0,), (0,)), ((), ())))).T
+    'MxIxO: tokens, input width, output width.')
 
 
 def seconds(fn, *args) -> float:
@@ -51,17 +50,18 @@ def main(argv):
   del argv
   rng = np.random.default_rng(0)
   for shape in _SHAPES.value:
-    m, k, n = (int(d) for d in shape.split('x'))
-    x_MxK = rng.standard_normal((m, k), np.float32)
-    dy_MxN = rng.standard_normal((m, n), np.float32)
-    times = {name: seconds(fn, x_MxK, dy_MxN) for name, fn in
-             (('direct', direct), ('transposed', transposed))}
+    m, i, o = (int(d) for d in shape.split('x'))
+    x_MxI = rng.standard_normal((m, i), np.float32)
+    dy_MxO = rng.standard_normal((m, o), np.float32)
+    times = {name: seconds(functools.partial(matmul.weight_gradient, transposed=transposed),
+                           x_MxI, dy_MxO)
+             for name, transposed in (('direct', False), ('transposed', True))}
     print(json.dumps({
         'shape': shape,
         'direct_us': round(times['direct'] * 1e6, 1),
         'transposed_us': round(times['transposed'] * 1e6, 1),
         'faster': min(times, key=times.get),
-        'lm_picks': 'direct' if n >= k else 'transposed',
+        'lm_picks': 'transposed' if matmul.transposes(i, o) else 'direct',
     }))
 
 

@@ -34,19 +34,33 @@ def _matmul_fwd(x_XxI, w_IxO, precision):
   return _matmul(x_XxI, w_IxO, precision), (x_XxI, w_IxO)
 
 
+def transposes(in_width: int, out_width: int) -> bool:
+  """Whether the weight gradient is computed as dW^T and transposed: when dW is narrow (O < I)."""
+  return out_width < in_width
+
+
+def weight_gradient(x_XxI: jax.Array, dy_XxO: jax.Array, transposed: bool,
+                    precision=None) -> jax.Array:
+  """dW [I, O] = x^T dy over every leading axis: directly, or as (dy^T x)^T if `transposed`.
+
+  The token axes are contracted where they are: reshaped to one axis, they would cost
+  all-gathers under a mesh that splits them two ways (batch and context).
+  """
+  tokens = tuple(range(x_XxI.ndim - 1))
+  contract = lambda a, b: lax.dot_general(a, b, ((tokens, tokens), ((), ())),
+                                          precision=precision)
+  if transposed:
+    # The barrier keeps XLA from folding the transpose back into the matmul.
+    return lax.optimization_barrier(contract(dy_XxO, x_XxI)).T
+  return contract(x_XxI, dy_XxO)
+
+
 def _matmul_bwd(precision, residuals, dy_XxO):
   """dx = dy w^T; dw = x^T dy in its wider orientation (module docstring)."""
   x_XxI, w_IxO = residuals
-  contract = lambda a, b, dims: lax.dot_general(a, b, (dims, ((), ())), precision=precision)
-  dx_XxI = contract(dy_XxO, w_IxO, ((dy_XxO.ndim - 1,), (1,)))
-  # The token axes are contracted where they are: reshaped to one axis, they would cost
-  # all-gathers under a mesh that splits them two ways (batch and context).
-  tokens = tuple(range(x_XxI.ndim - 1))
-  if w_IxO.shape[1] < w_IxO.shape[0]:
-    # The barrier keeps XLA from folding the transpose back into the matmul.
-    dw_IxO = lax.optimization_barrier(contract(dy_XxO, x_XxI, (tokens, tokens))).T
-  else:
-    dw_IxO = contract(x_XxI, dy_XxO, (tokens, tokens))
+  dx_XxI = lax.dot_general(dy_XxO, w_IxO, (((dy_XxO.ndim - 1,), (1,)), ((), ())),
+                           precision=precision)
+  dw_IxO = weight_gradient(x_XxI, dy_XxO, transposes(*w_IxO.shape), precision)
   return dx_XxI.astype(x_XxI.dtype), dw_IxO.astype(w_IxO.dtype)
 
 
