@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 import flax
 from flax import linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
@@ -152,12 +153,88 @@ def logical_names(boxed_params: Any) -> dict[str, tuple[str | None, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Skipping a step.
+#
+# Every optimizer make_optimizer builds takes `apply` (a traced bool) in its update: where it is
+# false the update is zero and the state stays as it was. train_step passes whether the step's
+# loss and gradient are finite, so a bad batch is skipped inside a compiled multi-step scan.
+
+
+def skippable(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Any optimizer with the skip: its new state and updates are chosen after they are computed."""
+  inner = optax.with_extra_args_support(tx)
+
+  def update(updates, state, params=None, *, apply=True, **extra_args):
+    new_updates, new_state = inner.update(updates, state, params, **extra_args)
+    return (jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates),
+            jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state))
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def adamw(learning_rate: optax.Schedule, b1: float, b2: float, eps: float, weight_decay: float,
+          mask: Callable[[Any], Any]) -> optax.GradientTransformationExtraArgs:
+  """optax.adamw (its state and arithmetic) with the skip built in before the step direction.
+
+  `skippable(optax.adamw(...))` would take the direction from the new moments and choose
+  afterwards. XLA:CPU then recomputes the new moments from the old ones inside each parameter's
+  update, so the old moments are still live when the new ones are written, and it copies every
+  parameter and moment at each step of a multi-step scan. Here the moments are chosen first and
+  the direction comes from the chosen ones, which lets XLA update them in place
+  (benchmarks/BENCHMARKS.md, session 7).
+  """
+  reference = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                          mask=mask)
+
+  def update(grads, state, params, *, apply=True):
+    adam, decay_state, lr_state = state
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    mu = keep(optax.tree.update_moment(grads, adam.mu, b1, 1), adam.mu)
+    nu = keep(optax.tree.update_moment_per_elem_norm(grads, adam.nu, b2, 2), adam.nu)
+    count = optax.safe_increment(adam.count)
+    direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps),
+                             optax.tree.bias_correction(mu, b1, count),
+                             optax.tree.bias_correction(nu, b2, count))
+    direction = jax.tree.map(lambda d, p, decays: d + weight_decay * p if decays else d,
+                             direction, params, mask(params))
+    step_size = -learning_rate(lr_state.count)
+    updates = jax.tree.map(
+        lambda d: jnp.where(apply, jnp.asarray(step_size, d.dtype) * d, jnp.zeros_like(d)),
+        direction)
+    adam = adam._replace(count=jnp.where(apply, count, adam.count), mu=mu, nu=nu)
+    lr_state = lr_state._replace(
+        count=jnp.where(apply, optax.safe_increment(lr_state.count), lr_state.count))
+    return updates, (adam, decay_state, lr_state)
+
+  return optax.GradientTransformationExtraArgs(reference.init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm, scaling by one factor: g * (max_norm / norm) when norm > max_norm.
+
+  optax divides every element by the norm instead. XLA:CPU will not repeat a division in each
+  consumer, so it writes the clipped gradients out and reads them back; a multiplication it
+  fuses into the optimizer's update.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    factor = jnp.where(norm > max_norm, max_norm / norm, 1.0)
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+# ---------------------------------------------------------------------------------------------
 # Optimizers.
 
 
 def make_optimizer(config: lm_config.Config, boxed_params: Any,
                    lr_schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   """The configured optimizer, with clipping, over the trainable parameters only.
+
+  Its update takes `apply` (see skippable): false skips the step.
 
   `boxed_params` (e.g. from jax.eval_shape of model.init) supplies paths and logical names.
   Frozen parameters (train.trainable) get optax.set_to_zero and hold no optimizer state.
@@ -168,14 +245,14 @@ def make_optimizer(config: lm_config.Config, boxed_params: Any,
   params = nn.meta.unbox(boxed_params)
   wd_mask = lambda tree: decay_mask(tree, o.decay_embeddings)
   if o.name == 'adamw':
-    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                     mask=wd_mask)
+    tx = adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=wd_mask)
   elif o.name == 'lion':
-    tx = optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=wd_mask)
+    tx = skippable(optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=wd_mask))
   elif o.name == 'adafactor':
     # Absolute step sizes (no parameter scaling), so optim.lr means what it means for AdamW.
-    tx = optax.adafactor(lr, multiply_by_parameter_scale=False,
-                         weight_decay_rate=o.weight_decay or None, weight_decay_mask=wd_mask)
+    tx = skippable(optax.adafactor(lr, multiply_by_parameter_scale=False,
+                                   weight_decay_rate=o.weight_decay or None,
+                                   weight_decay_mask=wd_mask))
   elif o.name == 'muon':
     dims = lambda tree: map_paths(lambda p: _muon_dims(names.get(p), p), tree)
     if not any(d is not None for d in jax.tree.leaves(
@@ -183,14 +260,14 @@ def make_optimizer(config: lm_config.Config, boxed_params: Any,
             x, optax_contrib.MuonDimensionNumbers))):
       raise ValueError('optim.name=muon: the model has no hidden matrices for Muon.')
     # Muon decays its matrices; the AdamW group (embeddings, head, norms) does not decay.
-    tx = optax_contrib.muon(
+    tx = skippable(optax_contrib.muon(
         lr, eps=o.eps, weight_decay=o.weight_decay, adam_b1=o.b1, adam_b2=o.b2,
         adam_weight_decay=0.0, muon_weight_dimension_numbers=dims,
-        consistent_rms=MUON_CONSISTENT_RMS)
+        consistent_rms=MUON_CONSISTENT_RMS))
   else:
     raise ValueError(f'optim.name: {o.name!r} is not one of {", ".join(lm_config.OPTIMIZERS)}.')
   if o.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+    tx = optax.chain(clip_by_global_norm(o.grad_clip), tx)
   trains = trains_fn(config, param_paths(params))
   if trains is None:
     return tx

@@ -219,10 +219,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  keep = lambda new, old: jax.tree.map(lambda n, p: jnp.where(finite, n, p), new, old)
-  params, opt_state = keep((optax.apply_updates(state.params, updates), opt_state),
-                           (state.params, state.opt_state))
+  # A skipped step's updates are zero and its optimizer state is kept (optim.skippable).
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, apply=finite)
+  params = optax.apply_updates(state.params, updates)
   norms = lambda: (jnp.where(finite, optax.tree.norm(updates), 0.0).astype(jnp.float32),
                    optax.tree.norm(params).astype(jnp.float32))
   unmeasured = lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan))

@@ -123,3 +123,61 @@ def test_every_optimizer_lowers_a_quadratic_loss(name):
   for _ in range(5):
     params, opt_state = step(params, opt_state)
   assert float(loss(params)) < 0.95 * start
+
+
+def random_tree(shapes, seed, scale=1.0):
+  keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(shapes)))
+  return jax.tree.unflatten(jax.tree.structure(shapes), [
+      scale * jax.random.normal(k, s.shape) for k, s in zip(keys, jax.tree.leaves(shapes))])
+
+
+def test_adamw_equals_optax_adamw():
+  """lm's AdamW (the skip inside it) takes optax.adamw's steps and keeps its state layout."""
+  config = train_fakes.tiny_config(optim__weight_decay=0.3, optim__warmup_steps=2,
+                                   train__steps=6)
+  o = config.optim
+  shapes = optim.nn.meta.unbox(boxed_params())
+  params = random_tree(shapes, 0)
+  mask = lambda tree: optim.decay_mask(tree, o.decay_embeddings)
+  ours = optim.adamw(optim.schedule(config), o.b1, o.b2, o.eps, o.weight_decay, mask)
+  reference = optax.adamw(optim.schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                          weight_decay=o.weight_decay, mask=mask)
+  state, reference_state = ours.init(params), reference.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(reference_state)
+  for step in range(4):
+    grads = random_tree(shapes, step + 1, scale=0.1)
+    updates, state = jax.jit(ours.update)(grads, state, params)
+    expected, reference_state = jax.jit(reference.update)(grads, reference_state, params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9),
+                 (updates, state), (expected, reference_state))
+    params = optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize('name', ['adamw', 'adafactor', 'lion', 'muon'])
+def test_apply_false_skips_the_step(name):
+  """Every optimizer's update takes `apply`: false gives zero updates and keeps the state."""
+  config = train_fakes.tiny_config(optim__name=name, optim__warmup_steps=0)
+  boxed = boxed_params()
+  shapes = optim.nn.meta.unbox(boxed)
+  params = random_tree(shapes, 0)
+  tx = optim.make_optimizer(config, boxed)
+  update = jax.jit(lambda g, s, p, apply: tx.update(g, s, p, apply=apply))
+  _, state = update(random_tree(shapes, 1), tx.init(params), params, True)
+  updates, kept = update(random_tree(shapes, 2), state, params, False)
+  assert all(not np.any(u) for u in jax.tree.leaves(updates))
+  jax.tree.map(np.testing.assert_array_equal, kept, state)
+  updates, moved = update(random_tree(shapes, 2), state, params, True)
+  assert any(np.any(u) for u in jax.tree.leaves(updates))
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(moved),
+                                                       jax.tree.leaves(state)))
+
+
+@pytest.mark.parametrize('scale', [0.01, 10.0])
+def test_clip_by_global_norm_equals_optax(scale):
+  shapes = optim.nn.meta.unbox(boxed_params())
+  grads = random_tree(shapes, 3, scale=scale)
+  clipped, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  expected, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), clipped, expected)
+  assert float(optax.tree.norm(clipped)) == pytest.approx(min(1.0, float(optax.tree.norm(grads))),
+                                                          rel=1e-5)
