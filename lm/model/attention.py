@@ -80,10 +80,15 @@ def attention_probs(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, mask_BxTxS: jax.
   """
   batch, q_len, num_heads, head_dim = q_BxTxNxH.shape
   num_kv_heads = k_BxSxKxH.shape[2]
-  q_BxTxKxGxH = q_BxTxNxH.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads,
-                                  head_dim)
-  logits_BxKxGxTxS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BxTxKxGxH, k_BxSxKxH,
-                                preferred_element_type=jnp.float32)
+  groups = num_heads // num_kv_heads
+  # One [G*T, H] x [H, S] matmul per batch row and KV head (the G query heads sharing that head
+  # stacked), both operands laid out as a plain matmul reads them: XLA:CPU then needs neither
+  # a 5-D batched matmul nor copies of the logits for the backward pass (BENCHMARKS.md).
+  q_BxKxMxH = q_BxTxNxH.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(
+      0, 2, 3, 1, 4).reshape(batch, num_kv_heads, groups * q_len, head_dim)
+  logits_BxKxMxS = jnp.einsum('BKMH,BKHS->BKMS', q_BxKxMxH, k_BxSxKxH.transpose(0, 2, 3, 1),
+                              preferred_element_type=jnp.float32)
+  logits_BxKxGxTxS = logits_BxKxMxS.reshape(batch, num_kv_heads, groups, q_len, -1)
   logits_BxKxGxTxS *= 1.0 / math.sqrt(head_dim)
   if softcap > 0:
     logits_BxKxGxTxS = softcap * jnp.tanh(logits_BxKxGxTxS / softcap)
@@ -92,6 +97,16 @@ def attention_probs(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, mask_BxTxS: jax.
   logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS,
                                jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
+
+
+def attend_values(probs_BxKxGxTxS: jax.Array, v_BxSxKxH: jax.Array) -> jax.Array:
+  """The attention output [B, T, N, H]: each query's probability-weighted values, in the
+  layout of attention_probs' matmul."""
+  batch, num_kv_heads, groups, q_len, k_len = probs_BxKxGxTxS.shape
+  probs_BxKxMxS = probs_BxKxGxTxS.reshape(batch, num_kv_heads, groups * q_len, k_len)
+  y_BxKxMxH = jnp.einsum('BKMS,BKSH->BKMH', probs_BxKxMxS, v_BxSxKxH.transpose(0, 2, 1, 3))
+  return y_BxKxMxH.reshape(batch, num_kv_heads, groups, q_len, -1).transpose(
+      0, 3, 1, 2, 4).reshape(batch, q_len, num_kv_heads * groups, -1)
 
 
 def _implementation(config: ModelConfig) -> str | None:
@@ -218,9 +233,7 @@ class Attention(nn.Module):
                  probs_BxKxGxTxS.reshape(batch, num_heads, q_len, -1))
       probs_BxKxGxTxS = nn.Dropout(rate=c.attn_dropout)(
           probs_BxKxGxTxS, deterministic=not use_dropout)
-      y_BxTxKxGxH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BxKxGxTxS.astype(dtype),
-                               v_BxSxKxH.astype(dtype))
-      y_BxTxNxH = y_BxTxKxGxH.reshape(batch, q_len, num_heads, head_dim)
+      y_BxTxNxH = attend_values(probs_BxKxGxTxS.astype(dtype), v_BxSxKxH.astype(dtype))
     return self._out(y_BxTxNxH, deterministic)
 
   def _out(self, y_BxTxNxH: jax.Array, deterministic: bool) -> jax.Array:
