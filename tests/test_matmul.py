@@ -108,3 +108,28 @@ def test_dots_remat_saves_the_dense_outputs(remat, capsys):
   jax.ad_checkpoint.print_saved_residuals(
       lambda p: jnp.sum(model.apply({'params': p}, tokens_BxT)), params)
   assert f"f32[2,8,48] named '{matmul.CHECKPOINT_NAME}'" in capsys.readouterr().out
+
+
+TREE_REDUCTIONS_OFF = '--xla_disable_hlo_passes=tree_reduction_rewriter'
+
+
+@pytest.mark.parametrize('flags, op', [('', 'reduce_sum'), (TREE_REDUCTIONS_OFF, 'dot_general')])
+def test_sum_leading_is_a_matvec_only_without_tree_reductions(monkeypatch, flags, op):
+  """Without XLA's tree-reduction rewriter the token sum is ones @ x; either way it is the sum."""
+  monkeypatch.setenv('XLA_FLAGS', flags)
+  x_BxTxD = _normal((2, 5, 8), 3)
+  primitives = {e.primitive.name for e in jax.make_jaxpr(matmul.sum_leading)(x_BxTxD).eqns}
+  assert op in primitives and not primitives & ({'reduce_sum', 'dot_general'} - {op})
+  np.testing.assert_allclose(matmul.sum_leading(x_BxTxD), np.sum(np.asarray(x_BxTxD), (0, 1)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_tree_reductions_off_reads_the_last_disabled_passes(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', f'{TREE_REDUCTIONS_OFF} --xla_disable_hlo_passes=foo')
+  assert not matmul.tree_reductions_off()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_disable_hlo_passes=foo,tree_reduction_rewriter')
+  assert matmul.tree_reductions_off()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  primitives = {e.primitive.name for e in jax.make_jaxpr(matmul.sum_leading)(
+      _normal((2, 5, 8), 3)).eqns}
+  assert 'dot_general' not in primitives

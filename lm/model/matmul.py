@@ -15,8 +15,10 @@ which the transformer's 'dots' remat policies save as they save every other matm
 """
 
 import functools
+import os
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -76,3 +78,32 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
     return checkpoint_name(_matmul(lhs, rhs, precision), CHECKPOINT_NAME)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type)
+
+
+
+def tree_reductions_off() -> bool:
+  """Whether $XLA_FLAGS turns XLA's tree-reduction rewriter off (shakespeare_char's flags do).
+
+  XLA reads the flags when the backend starts; the last --xla_disable_hlo_passes wins.
+  """
+  passes = ''
+  for flag in os.environ.get('XLA_FLAGS', '').split():
+    if flag.startswith('--xla_disable_hlo_passes='):
+      passes = flag.split('=', 1)[1]
+  return 'tree_reduction_rewriter' in passes.split(',')
+
+
+def sum_leading(x_XxD: jax.Array) -> jax.Array:
+  """x [..., D] summed over every leading (token) axis -> [D]: a bias or norm-scale gradient.
+
+  Without the tree-reduction rewriter XLA:CPU sums over a tensor's major axes one row at a
+  time: [384, 128] took 127 us, [8192, 768] 82 ms. There this is the product ones [X] @ x [X, D]
+  (25 us and 4 ms); with the rewriter the sum is the faster (18 us and 2.4 ms), so it stays
+  (benchmarks/BENCHMARKS.md, session 7). The axes are contracted where they are, as in
+  weight_gradient.
+  """
+  tokens = tuple(range(x_XxD.ndim - 1))
+  if jax.default_backend() != 'cpu' or not tree_reductions_off():
+    return jnp.sum(x_XxD, axis=tokens)
+  ones_X = jnp.ones(x_XxD.shape[:-1], x_XxD.dtype)
+  return lax.dot_general(ones_X, x_XxD, ((tokens, tokens), ((), ())))
