@@ -160,6 +160,10 @@ def logical_names(boxed_params: Any) -> dict[str, tuple[str | None, ...]]:
 # loss and gradient are finite, so a bad batch is skipped inside a compiled multi-step scan.
 
 
+def _choose(apply: jax.Array | bool, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+
 def skippable(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Any optimizer with the skip: its new state and updates are chosen after they are computed."""
   inner = optax.with_extra_args_support(tx)
@@ -167,7 +171,7 @@ def skippable(tx: optax.GradientTransformation) -> optax.GradientTransformationE
   def update(updates, state, params=None, *, apply=True, **extra_args):
     new_updates, new_state = inner.update(updates, state, params, **extra_args)
     return (jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates),
-            jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state))
+            _choose(apply, new_state, state))
 
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
@@ -175,6 +179,9 @@ def skippable(tx: optax.GradientTransformation) -> optax.GradientTransformationE
 def adamw(learning_rate: optax.Schedule, b1: float, b2: float, eps: float, weight_decay: float,
           mask: Callable[[Any], Any]) -> optax.GradientTransformationExtraArgs:
   """optax.adamw (its state and arithmetic) with the skip built in before the step direction.
+
+  What make_optimizer needs of optax's options: a schedule for the learning rate, a scalar
+  weight decay and a mask function; no eps_root, mu_dtype or Nesterov momentum.
 
   `skippable(optax.adamw(...))` would take the direction from the new moments and choose
   afterwards. XLA:CPU then recomputes the new moments from the old ones inside each parameter's
@@ -186,17 +193,18 @@ def adamw(learning_rate: optax.Schedule, b1: float, b2: float, eps: float, weigh
   reference = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                           mask=mask)
 
-  def update(grads, state, params, *, apply=True):
+  def update(grads, state, params, *, apply=True, **extra_args):
+    del extra_args
     adam, decay_state, lr_state = state
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-    mu = keep(optax.tree.update_moment(grads, adam.mu, b1, 1), adam.mu)
-    nu = keep(optax.tree.update_moment_per_elem_norm(grads, adam.nu, b2, 2), adam.nu)
+    mu = _choose(apply, optax.tree.update_moment(grads, adam.mu, b1, 1), adam.mu)
+    nu = _choose(apply, optax.tree.update_moment_per_elem_norm(grads, adam.nu, b2, 2), adam.nu)
     count = optax.safe_increment(adam.count)
     direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps),
                              optax.tree.bias_correction(mu, b1, count),
                              optax.tree.bias_correction(nu, b2, count))
-    direction = jax.tree.map(lambda d, p, decays: d + weight_decay * p if decays else d,
-                             direction, params, mask(params))
+    if weight_decay:  # optax adds nothing at 0, not even 0 * params
+      direction = jax.tree.map(lambda d, p, decays: d + weight_decay * p if decays else d,
+                               direction, params, mask(params))
     step_size = -learning_rate(lr_state.count)
     updates = jax.tree.map(
         lambda d: jnp.where(apply, jnp.asarray(step_size, d.dtype) * d, jnp.zeros_like(d)),

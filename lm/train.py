@@ -219,9 +219,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # A skipped step's updates are zero and its optimizer state is kept (optim.skippable).
+  # A skipped step's updates are zero and its optimizer state is kept (optim.skippable); its
+  # parameters are kept as they are, bit for bit (p + 0 would turn -0.0 into 0.0).
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, apply=finite)
-  params = optax.apply_updates(state.params, updates)
+  params = jax.tree.map(lambda p, new: jnp.where(finite, new, p), state.params,
+                        optax.apply_updates(state.params, updates))
   norms = lambda: (jnp.where(finite, optax.tree.norm(updates), 0.0).astype(jnp.float32),
                    optax.tree.norm(params).astype(jnp.float32))
   unmeasured = lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan))

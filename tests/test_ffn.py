@@ -141,24 +141,32 @@ def test_norm_statistics_are_float32_under_bf16():
 
 
 @pytest.mark.parametrize('flags', ['', '--xla_disable_hlo_passes=tree_reduction_rewriter'])
-@pytest.mark.parametrize('norm, use_bias', [('layernorm', True), ('layernorm', False),
-                                            ('rmsnorm', False)])
-def test_norm_gradients_match_the_formula(monkeypatch, flags, norm, use_bias):
-  """The norm's custom VJP (scale and bias gradients summed over tokens) equals autodiff of the
-  textbook formula, with token sums as reductions or (tree reductions off) as matmuls."""
+@pytest.mark.parametrize('norm, use_bias, param_dtype', [
+    ('layernorm', True, 'float32'), ('layernorm', False, 'float32'),
+    ('rmsnorm', False, 'float32'), ('layernorm', True, 'bfloat16')])
+def test_norm_gradients_match_the_formula(monkeypatch, flags, norm, use_bias, param_dtype):
+  """The norm's gradients equal autodiff of the textbook formula: through the custom VJP whose
+  token sums are matmuls (tree reductions off), or through plain autodiff (otherwise)."""
   monkeypatch.setenv('XLA_FLAGS', flags)
-  config = tiny(norm=norm, use_bias=use_bias, norm_eps=1e-5)
+  config = tiny(norm=norm, use_bias=use_bias, norm_eps=1e-5, param_dtype=param_dtype)
   x = _x() * 3 + 1
-  params = {"n": jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 7), _init(_Norm(config), x)["n"])}
+  params = {'n': jax.tree.map(lambda p: (p + 0.1 * _x(p.shape, 7)).astype(p.dtype),
+                              _init(_Norm(config), x)['n'])}
   weights = _x(seed=9)
 
   def formula(p, x):
     centred = x - x.mean(-1, keepdims=True) if norm == 'layernorm' else x
     y = centred / jnp.sqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + 1e-5)
-    y = y * p['n']['scale']
-    return jnp.sum((y + p['n']['bias'] if use_bias else y) * weights)
+    y = y * p['n']['scale'].astype(jnp.float32)
+    return jnp.sum((y + p['n']['bias'].astype(jnp.float32) if use_bias else y) * weights)
 
   module = lambda p, x: jnp.sum(_Norm(config).apply({'params': p}, x) * weights)
+  jaxpr = str(jax.make_jaxpr(jax.grad(module, argnums=(0, 1)))(params, x))
+  assert ('custom_vjp_call' in jaxpr) == bool(flags)
   got = jax.jit(jax.grad(module, argnums=(0, 1)))(params, x)
   want = jax.grad(formula, argnums=(0, 1))(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+  tolerance = 1e-4 if param_dtype == 'float32' else 2e-2
+  jax.tree.map(lambda a, b: (np.testing.assert_equal(a.dtype, b.dtype),
+                             np.testing.assert_allclose(np.float32(a), np.float32(b),
+                                                        rtol=tolerance, atol=tolerance)),
+               got, want)

@@ -40,7 +40,8 @@ def init(q_BxTxKxGxH: jax.Array) -> Partial:
 def attend(partial: Partial, q_BxTxKxGxH: jax.Array, k_BxCxKxH: jax.Array, v_BxCxKxH: jax.Array,
            mask_BxTxC: jax.Array, bias_BxNxTxC: jax.Array | None = None,
            softcap: float = 0.0) -> Partial:
-  """Folds one block of C keys into the running softmax (logits exactly as attention_probs)."""
+  """Folds one block of C keys into the running softmax (logits as attention_probs computes
+  them, up to the order of the float32 sums)."""
   head_dim = q_BxTxKxGxH.shape[-1]
   logits_BxKxGxTxC = jnp.einsum('BTKGH,BCKH->BKGTC', q_BxTxKxGxH, k_BxCxKxH,
                                 preferred_element_type=jnp.float32) / math.sqrt(head_dim)

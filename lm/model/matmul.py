@@ -12,6 +12,9 @@ operands as they are, so there this is plain `lax.dot_general`.
 On CPU the custom VJP rules out forward-mode derivatives (jax.jvp, jacfwd, hessian) through a
 Dense layer; nothing in lm takes them. Its output carries the checkpoint name CHECKPOINT_NAME,
 which the transformer's 'dots' remat policies save as they save every other matmul.
+
+sum_leading is the other CPU workaround here: a sum over the token axes (a bias or norm-scale
+gradient) as a matrix-vector product, when XLA's tree-reduction rewriter is off.
 """
 
 import functools
@@ -80,7 +83,6 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
                          preferred_element_type=preferred_element_type)
 
 
-
 def tree_reductions_off() -> bool:
   """Whether $XLA_FLAGS turns XLA's tree-reduction rewriter off (shakespeare_char's flags do).
 
@@ -93,6 +95,11 @@ def tree_reductions_off() -> bool:
   return 'tree_reduction_rewriter' in passes.split(',')
 
 
+def sums_by_matvec() -> bool:
+  """Whether sum_leading multiplies instead of reducing: on CPU without tree reductions."""
+  return jax.default_backend() == 'cpu' and tree_reductions_off()
+
+
 def sum_leading(x_XxD: jax.Array) -> jax.Array:
   """x [..., D] summed over every leading (token) axis -> [D]: a bias or norm-scale gradient.
 
@@ -103,7 +110,7 @@ def sum_leading(x_XxD: jax.Array) -> jax.Array:
   weight_gradient.
   """
   tokens = tuple(range(x_XxD.ndim - 1))
-  if jax.default_backend() != 'cpu' or not tree_reductions_off():
+  if not sums_by_matvec():
     return jnp.sum(x_XxD, axis=tokens)
   ones_X = jnp.ones(x_XxD.shape[:-1], x_XxD.dtype)
   return lax.dot_general(ones_X, x_XxD, ((tokens, tokens), ((), ())))

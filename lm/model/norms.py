@@ -38,7 +38,9 @@ class Norm(nn.Module):
 
   Flax computes the statistics (in float32 whatever the compute dtype, so bf16 activations are
   normalised stably); the scale and bias, stored in `param_dtype`, are applied in float32 before
-  the cast to the compute dtype, as flax applies them.
+  the cast to the compute dtype, as in flax's own layers (which fold the scale into the inverse
+  standard deviation: the result differs in the last bit). The custom VJP, and with it the
+  ban on forward-mode derivatives, applies only where matmul.sum_leading multiplies.
   """
 
   config: ModelConfig
@@ -61,7 +63,8 @@ class Norm(nn.Module):
     has_bias = c.norm == 'layernorm' and c.use_bias
     bias_D = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
                         (features,), param_dtype) if has_bias else None
-    return _affine(x_hat_XxD, scale_D, bias_D, has_bias).astype(jnp.dtype(c.dtype))
+    affine = _affine if matmul.sums_by_matvec() else _affine.fun
+    return affine(x_hat_XxD, scale_D, bias_D, has_bias).astype(jnp.dtype(c.dtype))
 
 
 def norm(config: ModelConfig, name: str) -> nn.Module:
