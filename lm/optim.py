@@ -164,14 +164,17 @@ def _choose(apply: jax.Array | bool, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
 
 
+def _zero_unless(apply: jax.Array | bool, updates: Any) -> Any:
+  return _choose(apply, updates, jax.tree.map(jnp.zeros_like, updates))
+
+
 def skippable(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Any optimizer with the skip: its new state and updates are chosen after they are computed."""
   inner = optax.with_extra_args_support(tx)
 
   def update(updates, state, params=None, *, apply=True, **extra_args):
     new_updates, new_state = inner.update(updates, state, params, **extra_args)
-    return (jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates),
-            _choose(apply, new_state, state))
+    return _zero_unless(apply, new_updates), _choose(apply, new_state, state)
 
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
@@ -206,9 +209,8 @@ def adamw(learning_rate: optax.Schedule, b1: float, b2: float, eps: float, weigh
       direction = jax.tree.map(lambda d, p, decays: d + weight_decay * p if decays else d,
                                direction, params, mask(params))
     step_size = -learning_rate(lr_state.count)
-    updates = jax.tree.map(
-        lambda d: jnp.where(apply, jnp.asarray(step_size, d.dtype) * d, jnp.zeros_like(d)),
-        direction)
+    updates = _zero_unless(apply, jax.tree.map(lambda d: jnp.asarray(step_size, d.dtype) * d,
+                                               direction))
     adam = adam._replace(count=jnp.where(apply, count, adam.count), mu=mu, nu=nu)
     lr_state = lr_state._replace(
         count=jnp.where(apply, optax.safe_increment(lr_state.count), lr_state.count))
