@@ -221,13 +221,20 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # A skipped step's updates are zero and its optimizer state is kept (optim.skippable); its
   # parameters are kept as they are, bit for bit (p + 0 would turn -0.0 into 0.0).
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, apply=finite)
+  update = functools.partial(state.tx.update, grads, state.opt_state, state.params)
+  norm = lambda tree: optax.tree.norm(tree).astype(jnp.float32)
+  unmeasured = lambda: jnp.float32(jnp.nan)
+  # The update norm's branch computes the update again, so unmeasured steps never write it out.
+  update_norm = jax.lax.cond(
+      measure_norms, lambda: jnp.where(finite, norm(update(apply=finite)[0]), 0.0), unmeasured)
+  # The same flag as `finite` (a norm is never -1), but computed after the branch: its reads of
+  # the old parameters and moments then visibly precede their in-place overwrite. Without that
+  # order XLA copies every decayed matrix and its moments before each step.
+  finite = finite & (update_norm != -1.0)
+  updates, opt_state = update(apply=finite)
   params = jax.tree.map(lambda p, new: jnp.where(finite, new, p), state.params,
                         optax.apply_updates(state.params, updates))
-  norms = lambda: (jnp.where(finite, optax.tree.norm(updates), 0.0).astype(jnp.float32),
-                   optax.tree.norm(params).astype(jnp.float32))
-  unmeasured = lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan))
-  update_norm, param_norm = jax.lax.cond(measure_norms, norms, unmeasured)
+  param_norm = jax.lax.cond(measure_norms, lambda: norm(params), unmeasured)
   metrics = {
       'loss': loss,
       **means,
