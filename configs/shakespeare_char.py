@@ -44,7 +44,7 @@ def get_config(arg=None):
   # reduce-window plus a second reduction instead of fusing it with its producer. It exists for
   # the precision of very long float32 sums; here the longest is a 128 x 512 weight's norm.
   # And 512-bit vectors for the elementwise code (XLA prefers 256): tanh-GELU and exp run
-  # 1.4-1.7x faster on AVX-512 and the step about 0.4 ms; a CPU without it uses what it has.
+  # 1.4-1.7x faster on AVX-512 and the step about 0.25 ms; a CPU without it uses what it has.
   # run.py appends these to $XLA_FLAGS, so they replace any --xla_disable_hlo_passes there.
   config.parallel.xla_flags = ('--xla_force_host_platform_device_count=2 '
                                '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT '

@@ -64,6 +64,9 @@ class StepOptions:
   objective: str = 'lm'  # lm: weighted cross-entropy; dpo: preference pairs [B, 2, T] (lm.dpo)
   dpo_beta: float = 0.1
   dpo_reference: str = 'copy'  # dpo: copy (state.ref_params) | adapters_off (LoRA's lora_b = 0)
+  # The optimizer's update is cheap elementwise work (not Muon's matmuls): the measured update
+  # norm recomputes it instead of keeping it (see train_step).
+  elementwise_update: bool = True
 
 
 class TrainState(struct.PyTreeNode):
@@ -199,7 +202,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   The step is skipped (parameters and optimizer state kept) if the loss or the gradient norm is
   not finite; a finite gradient gives a finite update (optim.eps > 0 where it divides).
   `measure_norms` (a bool, or a traced one under lax.scan) says whether to measure the parameter
-  and update norms, two more passes over the parameters; they are NaN where it is false.
+  and update norms (the update computed once more, and one more pass over the parameters); they
+  are NaN where it is false.
   """
   o = state.options
   weight_total = jnp.maximum(_psum(loss_weight(batch, o), o.axis_name), 1e-9)
@@ -219,19 +223,25 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # A skipped step's updates are zero and its optimizer state is kept (optim.skippable); its
-  # parameters are kept as they are, bit for bit (p + 0 would turn -0.0 into 0.0).
-  update = functools.partial(state.tx.update, grads, state.opt_state, state.params)
+  # A skipped step's updates are zero and its optimizer state is kept (optim.skippable).
+  tx_update = functools.partial(state.tx.update, grads, state.opt_state, state.params)
   norm = lambda tree: optax.tree.norm(tree).astype(jnp.float32)
   unmeasured = lambda: jnp.float32(jnp.nan)
-  # The update norm's branch computes the update again, so unmeasured steps never write it out.
-  update_norm = jax.lax.cond(
-      measure_norms, lambda: jnp.where(finite, norm(update(apply=finite)[0]), 0.0), unmeasured)
-  # The same flag as `finite` (a norm is never -1), but computed after the branch: its reads of
-  # the old parameters and moments then visibly precede their in-place overwrite. Without that
-  # order XLA copies every decayed matrix and its moments before each step.
-  finite = finite & (update_norm != -1.0)
-  updates, opt_state = update(apply=finite)
+  if o.elementwise_update:
+    # The branch computes the update again rather than take it as an operand (a cond's operands
+    # are materialised, so every unmeasured step would write the update out).
+    update_norm = jax.lax.cond(measure_norms, lambda: norm(tx_update(apply=finite)[0]),
+                               unmeasured)
+    # `finite` again (the norm is >= 0 or NaN, never -1), but computed after the branch, so its
+    # reads of the old parameters visibly precede their in-place overwrite; XLA copied every
+    # decayed matrix each step without that order. (A flag the branch passed through unchanged
+    # would not do: JAX prunes such outputs of a cond.)
+    finite = finite & (update_norm != -1.0)
+    updates, opt_state = tx_update(apply=finite)
+  else:  # Muon: its Newton-Schulz iterations are worth keeping rather than redoing
+    updates, opt_state = tx_update(apply=finite)
+    update_norm = jax.lax.cond(measure_norms, lambda: norm(updates), unmeasured)
+  # Skipped parameters are kept bit for bit (p + 0 would turn -0.0 into 0.0).
   params = jax.tree.map(lambda p, new: jnp.where(finite, new, p), state.params,
                         optax.apply_updates(state.params, updates))
   param_norm = jax.lax.cond(measure_norms, lambda: norm(params), unmeasured)
@@ -296,7 +306,8 @@ def step_options(config: lm_config.Config, axis_name: str | None,
       frozen=frozen,
       objective='dpo' if config.data.format == 'preference' else 'lm',
       dpo_beta=config.train.dpo_beta,
-      dpo_reference=dpo_reference)
+      dpo_reference=dpo_reference,
+      elementwise_update=config.optim.name != 'muon')
 
 
 abstract_params = parallel.abstract_params  # boxed parameter shapes (logical axis names)

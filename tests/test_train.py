@@ -1,6 +1,7 @@
 """The train step (accumulation, scan, NaN skipping, dtypes) and the loop's logs and stops."""
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -64,6 +65,7 @@ def test_non_finite_loss_skips_the_update():
   before = jax.device_get((state.params, state.opt_state))
   state, m = STEPS(state, batch(poisoned, 1))
   assert int(m['skipped'][0]) == 1 and not np.isfinite(float(m['loss'][0]))
+  assert float(m['update_norm'][0]) == 0
   assert int(state.step) == 2  # the bad batch is passed, not retried
   after = jax.device_get((state.params, state.opt_state))
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
@@ -90,34 +92,59 @@ def test_a_call_measures_norms_at_its_last_step_only():
   np.testing.assert_allclose(m['loss'][2], single['loss'], rtol=1e-5)
 
 
-def _loop_carried_copies(hlo: str) -> list[str]:
-  """Shapes of the non-scalar loop-carried values the (first) while body in `hlo` copies."""
-  body = re.search(r'body=%([\w.-]+)', hlo.split('\nENTRY')[1]).group(1)
-  text = hlo[hlo.index(f'\n%{body} '):]
+def _loop_carried_copies(hlo: str, min_carried: int) -> list[str]:
+  """Shapes of the non-scalar loop-carried values that the steps' while body in `hlo` copies.
+
+  The scan over steps must be the entry computation's only while loop, and carry at least
+  `min_carried` values, so that a change in XLA's text format fails here rather than finds
+  nothing.
+  """
+  bodies = re.findall(r'body=%([\w.-]+)', hlo.split('\nENTRY')[1])
+  assert len(bodies) == 1, bodies
+  text = hlo[hlo.index(f'\n%{bodies[0]} '):]
   text = text[:text.index('\n}')]
   arg = re.match(r'\n%\S+ \(([\w.-]+):', text).group(1)
   carried = set(re.findall(rf'%([\w.-]+) = \S+ get-tuple-element\(%{re.escape(arg)}\)', text))
-  return [shape for shape, source in re.findall(r'= (\w+\[[\d,]*\])\S* copy\(%([\w.-]+)\)', text)
-          if source in carried and not shape.endswith('[]')]
+  assert len(carried) >= min_carried, len(carried)
+  copies = re.findall(r'= (\w+\[[\d,]*\])\S* copy\(%([\w.-]+)\)', text)
+  assert len(copies) == text.count(' copy('), 'a copy this parser does not read'
+  return [shape for shape, source in copies if source in carried and not shape.endswith('[]')]
 
 
-@pytest.mark.parametrize('model', [dict(), dict(model__scan_layers=False)])
-def test_steps_update_parameters_and_moments_in_place(model):
-  """The update norm equals the parameters' change, and measuring it costs no copies.
+@pytest.mark.parametrize('setup', ['scanned', 'unrolled', 'pmap'])
+def test_the_steps_loop_overwrites_parameters_and_moments_in_place(setup):
+  """train_steps' loop body copies no parameter or AdamW moment.
 
-  If anything read a parameter or Adam moment after XLA could have overwritten it in place,
-  the scan over steps would copy that buffer every step (it did: 26 matrices per step for
-  shakespeare_char); and with donation the call's input state would be copied too.
+  Were anything to read one after XLA could have overwritten it in place, the scan would copy
+  that buffer every step (it did: the 26 decayed matrices of shakespeare_char, each step).
   """
-  config = train_fakes.tiny_config(optim__weight_decay=0.1, **model)
+  config = train_fakes.tiny_config(optim__weight_decay=0.1,
+                                   **({'model__scan_layers': False} if setup == 'unrolled' else {}))
+  batches = train._stack([train_fakes.FakeData().train_batch(s, 16) for s in range(2)])
+  if setup == 'pmap':
+    strategy = parallel.make(config, jax.local_devices()[:2])
+    state = strategy.init(functools.partial(train.create_state, config,
+                                            axis_name=strategy.axis_name))
+    step_fn = strategy.compile(train.train_steps, donate_argnums=(0,), state=state)
+    batches = strategy.shard(batches, batch_axis=1)
+  else:
+    state = train.create_state(config)
+    step_fn = jax.jit(train.train_steps, donate_argnums=(0,))
+  hlo = step_fn.lower(state, batches).compile().as_text()
+  num_params = len(jax.tree.leaves(state.params))
+  assert _loop_carried_copies(hlo, min_carried=3 * num_params) == []
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_update_norm_is_the_parameters_change(optimizer):
+  config = train_fakes.tiny_config(optim__name=optimizer, optim__weight_decay=0.1)
   data = train_fakes.FakeData()
-  state = train.create_state(config)
-  new_state, m = jax.jit(train.train_step)(state, data.train_batch(0, 16))
-  change = jax.tree.map(lambda a, b: a - b, new_state.params, state.params)
+  step = jax.jit(train.train_step)
+  state, _ = step(train.create_state(config), data.train_batch(0, 16))  # warmup: lr 0 at step 0
+  new_state, m = step(state, data.train_batch(1, 16))
+  change = jax.tree.map(lambda new, old: new - old, new_state.params, state.params)
+  assert float(m['update_norm']) > 0
   np.testing.assert_allclose(m['update_norm'], optax.tree.norm(change), rtol=1e-4)
-  batches = train._stack([data.train_batch(s, 16) for s in range(2)])
-  hlo = jax.jit(train.train_steps, donate_argnums=0).lower(state, batches).compile().as_text()
-  assert _loop_carried_copies(hlo) == []
 
 
 def test_norms_of_bfloat16_parameters_are_float32():
