@@ -67,6 +67,10 @@ class StepOptions:
   # The optimizer's update is cheap elementwise work (not Muon's matmuls): the measured update
   # norm recomputes it instead of keeping it (see train_step).
   elementwise_update: bool = True
+  # The optimizer's step direction reads its old state (optim.skippable's Lion and Adafactor;
+  # lm's AdamW reads the new moments): the state is written after the parameters. (Muon would
+  # copy fewer buffers with it, but was no faster: its Newton-Schulz matmuls dominate.)
+  state_read_by_update: bool = False
 
 
 class TrainState(struct.PyTreeNode):
@@ -245,6 +249,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   params = jax.tree.map(lambda p, new: jnp.where(finite, new, p), state.params,
                         optax.apply_updates(state.params, updates))
   param_norm = jax.lax.cond(measure_norms, lambda: norm(params), unmeasured)
+  if o.state_read_by_update:
+    # The same computation again (XLA merges the two), with the state's choice waiting for the
+    # new parameters: otherwise XLA cannot see that the update's reads of the old state come
+    # first, and copies the whole state at every step of a multi-step scan.
+    _, opt_state = tx_update(apply=finite & (param_norm != -1.0))
   metrics = {
       'loss': loss,
       **means,
@@ -307,7 +316,8 @@ def step_options(config: lm_config.Config, axis_name: str | None,
       objective='dpo' if config.data.format == 'preference' else 'lm',
       dpo_beta=config.train.dpo_beta,
       dpo_reference=dpo_reference,
-      elementwise_update=config.optim.name != 'muon')
+      elementwise_update=config.optim.name != 'muon',
+      state_read_by_update=config.optim.name in ('lion', 'adafactor'))
 
 
 abstract_params = parallel.abstract_params  # boxed parameter shapes (logical axis names)

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from lm import checkpoint
+from lm import config as lm_config
 from lm import metrics
 from lm import parallel
 from lm import train
@@ -57,8 +58,9 @@ def test_grad_accumulation_and_steps_per_call_equal_plain_steps():
   assert_trees_close(params_5, params_1, rtol=1e-5, atol=1e-7)
 
 
-def test_non_finite_loss_skips_the_update():
-  state = train.create_state(train_fakes.tiny_config())
+@pytest.mark.parametrize('optimizer', lm_config.OPTIMIZERS)
+def test_non_finite_loss_skips_the_update(optimizer):
+  state = train.create_state(train_fakes.tiny_config(optim__name=optimizer))
   good, poisoned = train_fakes.FakeData(), train_fakes.FakeData(poison_from=0)
   batch = lambda data, step: train._stack([data.train_batch(step, 16)])
   state, _ = STEPS(state, batch(good, 0))
@@ -111,14 +113,17 @@ def _loop_carried_copies(hlo: str, min_carried: int) -> list[str]:
   return [shape for shape, source in copies if source in carried and not shape.endswith('[]')]
 
 
-@pytest.mark.parametrize('setup', ['scanned', 'unrolled', 'pmap'])
-def test_the_steps_loop_overwrites_parameters_and_moments_in_place(setup):
-  """train_steps' loop body copies no parameter or AdamW moment.
+@pytest.mark.parametrize('setup,optimizer', [
+    ('scanned', 'adamw'), ('unrolled', 'adamw'), ('pmap', 'adamw'), ('scanned', 'lion'),
+    ('scanned', 'adafactor')])
+def test_the_steps_loop_overwrites_parameters_and_optimizer_state_in_place(setup, optimizer):
+  """train_steps' loop body copies no parameter or optimizer state.
 
   Were anything to read one after XLA could have overwritten it in place, the scan would copy
-  that buffer every step (it did: the 26 decayed matrices of shakespeare_char, each step).
+  that buffer every step (it did: the 26 decayed matrices of shakespeare_char under AdamW, and
+  Lion's and Adafactor's whole state, each step).
   """
-  config = train_fakes.tiny_config(optim__weight_decay=0.1,
+  config = train_fakes.tiny_config(optim__name=optimizer, optim__weight_decay=0.1,
                                    **({'model__scan_layers': False} if setup == 'unrolled' else {}))
   batches = train._stack([train_fakes.FakeData().train_batch(s, 16) for s in range(2)])
   if setup == 'pmap':
@@ -132,10 +137,11 @@ def test_the_steps_loop_overwrites_parameters_and_moments_in_place(setup):
     step_fn = jax.jit(train.train_steps, donate_argnums=(0,))
   hlo = step_fn.lower(state, batches).compile().as_text()
   num_params = len(jax.tree.leaves(state.params))
-  assert _loop_carried_copies(hlo, min_carried=3 * num_params) == []
+  per_param = 3 if optimizer == 'adamw' else 2  # parameter + moments, or + Adafactor's rows
+  assert _loop_carried_copies(hlo, min_carried=per_param * num_params) == []
 
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+@pytest.mark.parametrize('optimizer', ['adamw', 'lion', 'muon'])
 def test_update_norm_is_the_parameters_change(optimizer):
   config = train_fakes.tiny_config(optim__name=optimizer, optim__weight_decay=0.1)
   data = train_fakes.FakeData()
