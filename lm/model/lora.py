@@ -25,7 +25,8 @@ import numpy as np
 
 from lm.config import ModelConfig
 
-LEAVES = ('lora_a', 'lora_b')
+DOWN, UP = 'lora_a', 'lora_b'  # A [..., R] and B [R, ...]: zeroing B switches an adapter off
+LEAVES = (DOWN, UP)
 
 
 def is_adapter(path: str) -> bool:
@@ -59,9 +60,9 @@ class Lora(nn.Module):
     param_dtype = jnp.dtype(self.config.param_dtype)
     init_a = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal',
                                               in_axis=tuple(range(num_in)), out_axis=-1)
-    a = self.param('lora_a', nn.with_logical_partitioning(init_a, (*names[:num_in], None)),
+    a = self.param(DOWN, nn.with_logical_partitioning(init_a, (*names[:num_in], None)),
                    (*shape[:num_in], lora.rank), param_dtype)
-    b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
+    b = self.param(UP, nn.with_logical_partitioning(nn.initializers.zeros,
                                                           (None, *names[num_in:])),
                    (lora.rank, *shape[num_in:]), param_dtype)
     # Leading axes are the layer input's (B, T; B, C for expert slots); R is the rank.
@@ -91,11 +92,11 @@ def merge(model_config: ModelConfig, params: Any) -> Any:
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   merged = {path: np.asarray(leaf) for path, leaf in flat.items() if path[-1] not in LEAVES}
   for path in flat:
-    if path[-1] != 'lora_a':
+    if path[-1] != DOWN:
       continue
     module = path[:-1]
     a = np.asarray(flat[path], np.float32)
-    b = np.asarray(flat[module + ('lora_b',)], np.float32)
+    b = np.asarray(flat[module + (UP,)], np.float32)
     kernel = merged[module + ('kernel',)]
     lead = a.ndim + b.ndim - 2 - kernel.ndim  # stacked axes: [L], [E] or [L, E]
     rank = a.shape[-1]
