@@ -26,7 +26,7 @@ import optax
 from lm import optim
 from lm.model import lora
 
-ADAPTER_LEAF = lora.UP  # lora_b: zeroed, it switches a LoRA adapter off
+ADAPTER_LEAF = lora.UP
 
 
 def sequence_logprobs(logits_NxTxV: jax.Array, targets_NxT: jax.Array,

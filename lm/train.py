@@ -250,9 +250,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                         optax.apply_updates(state.params, updates))
   param_norm = jax.lax.cond(measure_norms, lambda: norm(params), unmeasured)
   if o.state_read_by_update:
-    # The same computation again (XLA merges the two), with the state's choice waiting for the
-    # new parameters: otherwise XLA cannot see that the update's reads of the old state come
-    # first, and copies the whole state at every step of a multi-step scan.
+    # The same pure update again, so the same state, but its choice now waits for the new
+    # parameters (the flag is `finite`: the norm is never -1). Otherwise XLA cannot see that the
+    # step direction's reads of the old state come first, and copies the whole state at every
+    # step of a multi-step scan.
     _, opt_state = tx_update(apply=finite & (param_norm != -1.0))
   metrics = {
       'loss': loss,

@@ -115,7 +115,7 @@ def _loop_carried_copies(hlo: str, min_carried: int) -> list[str]:
 
 @pytest.mark.parametrize('setup,optimizer', [
     ('scanned', 'adamw'), ('unrolled', 'adamw'), ('pmap', 'adamw'), ('scanned', 'lion'),
-    ('scanned', 'adafactor')])
+    ('pmap', 'lion'), ('scanned', 'adafactor')])
 def test_the_steps_loop_overwrites_parameters_and_optimizer_state_in_place(setup, optimizer):
   """train_steps' loop body copies no parameter or optimizer state.
 
@@ -137,7 +137,7 @@ def test_the_steps_loop_overwrites_parameters_and_optimizer_state_in_place(setup
     step_fn = jax.jit(train.train_steps, donate_argnums=(0,))
   hlo = step_fn.lower(state, batches).compile().as_text()
   num_params = len(jax.tree.leaves(state.params))
-  per_param = 3 if optimizer == 'adamw' else 2  # parameter + moments, or + Adafactor's rows
+  per_param = 3 if optimizer == 'adamw' else 2  # each parameter and its moment(s)
   assert _loop_carried_copies(hlo, min_carried=per_param * num_params) == []
 
 
