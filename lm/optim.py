@@ -239,6 +239,13 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------------------------
 # Optimizers.
 
+# What train_step needs to know of each optimizer's update for XLA to update in place: whether it
+# is cheap elementwise work, computed again rather than kept (not Muon's Newton-Schulz matmuls),
+# and whether its step direction reads the old state (skippable's Lion and Adafactor; AdamW's
+# reads the new moments; Muon's too, but ordering its state write was no faster).
+ELEMENTWISE_UPDATE = ('adamw', 'adafactor', 'lion')
+STATE_READ_BY_UPDATE = ('adafactor', 'lion')
+
 
 def make_optimizer(config: lm_config.Config, boxed_params: Any,
                    lr_schedule: optax.Schedule | None = None) -> optax.GradientTransformation:

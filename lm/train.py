@@ -64,12 +64,9 @@ class StepOptions:
   objective: str = 'lm'  # lm: weighted cross-entropy; dpo: preference pairs [B, 2, T] (lm.dpo)
   dpo_beta: float = 0.1
   dpo_reference: str = 'copy'  # dpo: copy (state.ref_params) | adapters_off (LoRA's lora_b = 0)
-  # The optimizer's update is cheap elementwise work (not Muon's matmuls): the measured update
-  # norm recomputes it instead of keeping it (see train_step).
+  # optim.ELEMENTWISE_UPDATE: the measured update norm recomputes the update (see train_step).
   elementwise_update: bool = True
-  # The optimizer's step direction reads its old state (optim.skippable's Lion and Adafactor;
-  # lm's AdamW reads the new moments): the state is written after the parameters. (Muon would
-  # copy fewer buffers with it, but was no faster: its Newton-Schulz matmuls dominate.)
+  # optim.STATE_READ_BY_UPDATE: the state is written after the parameters.
   state_read_by_update: bool = False
 
 
@@ -317,8 +314,8 @@ def step_options(config: lm_config.Config, axis_name: str | None,
       objective='dpo' if config.data.format == 'preference' else 'lm',
       dpo_beta=config.train.dpo_beta,
       dpo_reference=dpo_reference,
-      elementwise_update=config.optim.name != 'muon',
-      state_read_by_update=config.optim.name in ('lion', 'adafactor'))
+      elementwise_update=config.optim.name in optim.ELEMENTWISE_UPDATE,
+      state_read_by_update=config.optim.name in optim.STATE_READ_BY_UPDATE)
 
 
 abstract_params = parallel.abstract_params  # boxed parameter shapes (logical axis names)
