@@ -83,7 +83,7 @@ def measure(name: str) -> None:
   seconds = (time.perf_counter() - start) / _STEPS.value
   model = info.model_info(config)
   tokens_per_sec = b * t / seconds
-  peak = metrics.peak_flops(strategy.devices)
+  peak = metrics.peak_flops(strategy.devices, matmul_precision=config.model.matmul_precision)
   mfu = model['flops_per_token'] * tokens_per_sec / peak
   print(f'{name}: {model["params_total"]:,} params, batch {b} x {t}, '
         f'{strategy.num_devices} x {strategy.devices[0].device_kind}, '

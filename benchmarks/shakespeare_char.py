@@ -35,7 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default a fresh temporary one.')
 
 
-def summarize(workdir: str, wall_seconds: float) -> dict:
+def summarize(workdir: str, wall_seconds: float, matmul_precision: str = 'float32') -> dict:
   """Speed over the log intervals after the first (which holds the compile): the mean, and the
   median, which a busy neighbour on a shared machine or a background checkpoint write moves
   less."""
@@ -53,7 +53,8 @@ def summarize(workdir: str, wall_seconds: float) -> dict:
       'final_train_loss': records[-1]['train/loss'],
       'steps': records[-1]['step'],
       'wall_seconds': wall_seconds,
-      'peak_flops_measured': metrics.measured_cpu_flops(),
+      'peak_flops_measured': metrics.measured_cpu_flops(
+          matmul_precision=matmul_precision),
       'device': jax.local_devices()[0].device_kind,
       'devices': jax.local_device_count(),
   }
@@ -67,7 +68,8 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='shakespeare_char_')
   start = time.perf_counter()
   train.train(config, workdir)
-  print(json.dumps(summarize(workdir, time.perf_counter() - start), indent=2))
+  print(json.dumps(summarize(workdir, time.perf_counter() - start,
+                             config.model.matmul_precision), indent=2))
 
 
 if __name__ == '__main__':

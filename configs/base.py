@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.init_std = 0.02  # std of normal initialisers; residual projections get / sqrt(2 * num_layers)
   m.dtype = 'float32'  # compute dtype: float32 | bfloat16 | float16 (logits and losses stay float32)
   m.param_dtype = 'float32'  # parameter storage dtype
+  m.matmul_precision = 'float32'  # projections' operands: float32 | bfloat16 (float32 sums)
   m.scan_layers = True  # stack the blocks under nn.scan: compile time flat in depth
   m.remat = 'none'  # rematerialisation of each block: none | full | dots | dots_no_batch
   lora = m.lora = ml_collections.ConfigDict()  # LoRA: train low-rank adapters on a frozen base

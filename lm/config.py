@@ -26,6 +26,7 @@ REMATS = ('none', 'full', 'dots', 'dots_no_batch')
 # of the FFN (each expert's under MoE; the router stays frozen).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'ffn')
 DTYPES = ('float32', 'bfloat16', 'float16')
+MATMUL_PRECISIONS = ('float32', 'bfloat16')
 TOKENIZERS = ('sentencepiece', 'byte', 'char')
 # data.format: a text corpus, SFT examples, or preference pairs (DPO); the last two are JSONL.
 DATA_FORMATS = ('text', 'sft', 'preference')
@@ -120,6 +121,7 @@ class ModelConfig:
   init_std: float
   dtype: str
   param_dtype: str
+  matmul_precision: str
   scan_layers: bool
   remat: str
   lora: LoraConfig
@@ -263,14 +265,15 @@ _SECTIONS = {
 # fine-tuned, e.g. to extend its context) with other values; the given config wins.
 INFERENCE_KEYS = ('max_seq_len', 'rope_scaling', 'rope_scaling_factor',
                   'rope_original_max_seq_len', 'rope_low_freq_factor', 'rope_high_freq_factor',
-                  'attention_window', 'attention_impl', 'dtype', 'capacity_factor')
+                  'attention_window', 'attention_impl', 'dtype', 'matmul_precision',
+                  'capacity_factor')
 
 # Keys added to configs/base.py after runs were first saved, with the value an older run's
 # config.json means by leaving them out (the behaviour before they existed). A new key whose
 # default changes nothing belongs here too, so that every saved run keeps loading.
 ADDED_KEYS: dict[str, Any] = {
     'model': {'attention_pattern': 'full', 'attention_stride': 0, 'attention_summary': 1,
-              'attention_block': 128,
+              'attention_block': 128, 'matmul_precision': 'float32',
               'lora': {'rank': 0, 'alpha': 16.0, 'dropout': 0.0, 'targets': ['q', 'k', 'v', 'o']}},
     'data': {'format': 'text', 'chat_template': 'builtin'},
     'train': {'tokens': 0, 'flops': 0.0, 'dpo_beta': 0.1},
@@ -439,13 +442,14 @@ def validate(config: Config) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
   for key in ('pos_emb', 'ffn', 'expert_ffn', 'norm', 'norm_position', 'rope_scaling',
-              'attention_impl', 'attention_pattern', 'remat', 'dtype', 'param_dtype'):
+              'attention_impl', 'attention_pattern', 'remat', 'dtype', 'param_dtype',
+              'matmul_precision'):
     choices = {
         'pos_emb': POS_EMBS, 'ffn': FFNS, 'expert_ffn': EXPERT_FFNS, 'norm': NORMS,
         'norm_position': NORM_POSITIONS, 'rope_scaling': ROPE_SCALINGS,
         'attention_impl': ATTENTION_IMPLS, 'attention_pattern': ATTENTION_PATTERNS,
         'remat': REMATS, 'dtype': DTYPES,
-        'param_dtype': DTYPES}[key]
+        'param_dtype': DTYPES, 'matmul_precision': MATMUL_PRECISIONS}[key]
     _one_of(f'model.{key}', getattr(m, key), choices)
   _non_negative('model.vocab_size', m.vocab_size)
   for key in ('vocab_multiple_of', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',

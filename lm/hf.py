@@ -58,8 +58,8 @@ ARCHITECTURES = {
 _BASE_MODELS = {'gpt2': 'GPT2Model', 'llama': 'LlamaModel', 'mistral': 'MistralModel',
                 'mixtral': 'MixtralModel'}
 # Model keys that config.json does not decide: how the model runs, not what it computes.
-RUNTIME_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention_impl',
-                'attention_block')
+RUNTIME_KEYS = ('dtype', 'param_dtype', 'matmul_precision', 'scan_layers', 'remat',
+                'attention_impl', 'attention_block')
 # Model keys that only matter for training, which a fine-tuning config may set (LoRA adds
 # adapters beside the checkpoint's weights).
 TRAINING_KEYS = ('embed_dropout', 'attn_dropout', 'resid_dropout', 'capacity_factor',
@@ -75,7 +75,8 @@ _LM_ONLY = dict(
     final_logit_softcap=0.0, attention_impl='xla', num_experts=8, top_k=2,
     expert_ffn='swiglu', capacity_factor=0.0, router_aux_loss_weight=0.0,
     router_z_loss_weight=0.0, norm_position='pre', embed_dropout=0.0, attn_dropout=0.0,
-    resid_dropout=0.0, dtype='float32', param_dtype='float32', scan_layers=False, remat='none',
+    resid_dropout=0.0, dtype='float32', param_dtype='float32', matmul_precision='float32',
+    scan_layers=False, remat='none',
     lora=lm_config.LoraConfig(rank=0, alpha=16.0, dropout=0.0, targets=('q', 'k', 'v', 'o')))
 # config.json keys that do not change the logits: ids of special tokens, generation defaults,
 # bookkeeping of transformers itself.

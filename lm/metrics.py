@@ -2,7 +2,7 @@
 
 MFU = flops_per_token x tokens/s / peak FLOP/s. The peak comes from `train.peak_flops`, else
 from a table of accelerators (dense bf16 tensor-core/MXU peaks), else, on CPU, from a matmul
-measured once per process.
+measured once per process at the model's matmul precision.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorboardX
 import tqdm
+
+from lm.kernels import bf16_matmul
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -40,31 +42,41 @@ PEAK_FLOPS = (
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_flops(size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 [size, size] matmul on the CPU: the best of a few timed runs.
+def measured_cpu_flops(size: int = 1024, repeats: int = 5,
+                       matmul_precision: str = 'float32') -> float:
+  """FLOP/s of [size, size] matmuls on the CPU: the best of a few timed runs.
 
-  On CPU every (fake) device shares the same cores, so this is the whole host's peak.
+  On CPU every (fake) device shares the same cores, so this is the whole host's peak. XLA's
+  float32 matmul spreads over the cores by itself; the bfloat16 kernel runs on its caller's
+  thread, so it is timed on every local CPU device at once, as a data-parallel step runs it.
   """
-  cpu = jax.local_devices(backend='cpu')[0]
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), cpu)
-  matmul = jax.jit(lambda x: x @ x)
+  if matmul_precision == 'bfloat16':
+    devices = jax.local_devices(backend='cpu')
+    a = jax.pmap(lambda x: x, devices=devices)(np.ones((len(devices), size, size), np.float32))
+    matmul = jax.pmap(lambda x: bf16_matmul.matmul(x, x), devices=devices)
+  else:
+    devices = jax.local_devices(backend='cpu')[:1]
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), devices[0])
+    matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = math.inf
   for _ in range(repeats):
     start = time.perf_counter()
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2.0 * size**3 / best
+  return 2.0 * size**3 * len(devices) / best
 
 
-def peak_flops(devices: Sequence[jax.Device], per_device: float = 0.0) -> float:
+def peak_flops(devices: Sequence[jax.Device], per_device: float = 0.0,
+               matmul_precision: str = 'float32') -> float:
   """Total peak FLOP/s of `devices`: per_device (train.peak_flops) if set, else a table or,
-  for CPU, the measured matmul rate (not multiplied: fake CPU devices share the cores)."""
+  for CPU, the measured matmul rate at model.matmul_precision (not multiplied by the devices:
+  fake CPU devices share the cores)."""
   if per_device > 0:
     return per_device * len(devices)
   device = devices[0]
   if device.platform == 'cpu':
-    return measured_cpu_flops()
+    return measured_cpu_flops(matmul_precision=matmul_precision)
   for name, flops in PEAK_FLOPS:
     if name.lower() in device.device_kind.lower():
       return flops * len(devices)

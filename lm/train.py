@@ -660,7 +660,8 @@ def train(config: lm_config.Config, workdir: str, *,
   else:
     writer = bar = _Silent()
   monitor = _Monitor(config, strategy, bar, model_info['flops_per_token'],
-                     metrics_lib.peak_flops(strategy.devices, t.peak_flops),
+                     metrics_lib.peak_flops(strategy.devices, t.peak_flops,
+                                            config.model.matmul_precision),
                      ckpt_lib.checkpoint_dir(workdir))
   banner = _banner(config, start, strategy.num_devices, resumed, model_info['params_total'])
   logging.info(banner)

@@ -138,3 +138,88 @@ def test_tree_reductions_off_reads_the_last_disabled_passes(monkeypatch):
   assert 'dot_general' in _primitives(matmul.sum_leading, _normal((2, 5, 8), 3))
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert 'dot_general' not in _primitives(matmul.sum_leading, _normal((2, 5, 8), 3))
+
+
+def _rounded(x) -> np.ndarray:
+  return np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+
+
+@pytest.mark.parametrize('lhs_shape, rhs_shape, c', [
+    ((2, 5, 16), (16, 24), 1),  # nn.Dense
+    ((2, 5, 16), (16, 4, 6), 1),  # DenseGeneral: the query/key/value projections
+    ((2, 5, 4, 6), (4, 6, 16), 2),  # DenseGeneral: the output projection
+])
+@pytest.mark.parametrize('native', [True, False])
+def test_bf16_projection_and_its_gradients_sum_rounded_operands(monkeypatch, lhs_shape,
+                                                               rhs_shape, c, native):
+  """y = r(x) r(w); dx = r(dy) r(w)^T; dw = r(x)^T r(dy), r rounding to bfloat16, on the
+  native kernel where there is one and on XLA's path."""
+  if not native:
+    monkeypatch.setattr(matmul.bf16_matmul, 'native', lambda: False)
+  elif not matmul.bf16_matmul.native():
+    pytest.skip('no native bfloat16 kernel here')
+  x, w = _normal(lhs_shape, 1), _normal(rhs_shape, 2)
+  dims = ((tuple(range(len(lhs_shape) - c, len(lhs_shape))), tuple(range(c))), ((), ()))
+  f = lambda x, w: jnp.sum(jnp.sin(matmul.bf16_dot_general(x, w, dims)))
+  y = jax.jit(lambda x, w: matmul.bf16_dot_general(x, w, dims))(x, w)
+  dx, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+  k = int(np.prod(rhs_shape[:c]))
+  x2, w2 = _rounded(x).reshape(-1, k), _rounded(w).reshape(k, -1)
+  y_want = x2 @ w2
+  np.testing.assert_allclose(np.asarray(y).reshape(y_want.shape), y_want, rtol=1e-5, atol=1e-5)
+  dy2 = _rounded(np.cos(np.asarray(y, np.float32)).reshape(y_want.shape))
+  np.testing.assert_allclose(np.asarray(dx).reshape(-1, k), dy2 @ w2.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw).reshape(k, -1), x2.T @ dy2, rtol=1e-5, atol=1e-5)
+  assert dx.dtype == dw.dtype == y.dtype == jnp.float32
+  hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).as_text()
+  assert hlo.count('lm_bf16_matmul') == (3 if native else 0)
+
+
+def test_bf16_other_contractions_round_through_xla():
+  a_BxIxK, b_BxKxJ = _normal((3, 4, 6), 1), _normal((3, 6, 5), 2)
+  dims = (((2,), (1,)), ((0,), (0,)))
+  got = matmul.bf16_dot_general(a_BxIxK, b_BxKxJ, dims)
+  np.testing.assert_allclose(got, np.einsum('bik,bkj->bij', _rounded(a_BxIxK), _rounded(b_BxKxJ)),
+                             rtol=1e-5, atol=1e-6)
+  assert 'lm_bf16_matmul' not in jax.jit(
+      lambda a, b: matmul.bf16_dot_general(a, b, dims)).lower(a_BxIxK, b_BxKxJ).as_text()
+  # The result takes the operands' dtype, as lax.dot_general's does.
+  half = matmul.bf16_dot_general(a_BxIxK.astype(jnp.bfloat16), _normal((6, 2), 3).astype(
+      jnp.bfloat16), DENSE_DIMS)
+  assert half.dtype == jnp.bfloat16 and half.shape == (3, 4, 2)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_bf16_precision_takes_every_projection_but_the_head_and_router(tie):
+  """Per layer q, k, v, out, fc_in, fc_out go through the kernel; the LM head stays float32.
+  The logits move by bfloat16 rounding only."""
+  if not matmul.bf16_matmul.native():
+    pytest.skip('no native bfloat16 kernel here')
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  logits = {}
+  for precision in ('float32', 'bfloat16'):
+    model = Transformer(tiny(matmul_precision=precision, scan_layers=False, tie_embeddings=tie))
+    params = nn.unbox(model.init(jax.random.key(0), tokens_BxT)['params'])
+    apply = jax.jit(lambda p: model.apply({'params': p}, tokens_BxT))
+    logits[precision] = apply(params)
+    calls = apply.lower(params).as_text().count('lm_bf16_matmul')
+    assert calls == (12 if precision == 'bfloat16' else 0), (precision, calls)
+  diff = np.abs(np.asarray(logits['bfloat16'] - logits['float32']))
+  assert 0 < diff.max() < 0.05 * np.abs(np.asarray(logits['float32'])).max()
+
+
+def test_bf16_precision_runs_the_moe_experts_under_vmap():
+  if not matmul.bf16_matmul.native():
+    pytest.skip('no native bfloat16 kernel here')
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  grads = {}
+  for precision in ('float32', 'bfloat16'):
+    model = Transformer(tiny(matmul_precision=precision, scan_layers=False, ffn='moe',
+                             num_experts=4, top_k=2))
+    params = nn.unbox(model.init(jax.random.key(0), tokens_BxT)['params'])
+    loss = lambda p: jnp.mean(model.apply({'params': p}, tokens_BxT) ** 2)
+    grads[precision] = jax.jit(jax.grad(loss))(params)
+    assert ('lm_bf16_matmul' in jax.jit(jax.grad(loss)).lower(params).as_text()) == (
+        precision == 'bfloat16')
+  for got, want in zip(jax.tree.leaves(grads['bfloat16']), jax.tree.leaves(grads['float32'])):
+    np.testing.assert_allclose(got, want, rtol=0.1, atol=0.02 * np.abs(want).max() + 1e-6)

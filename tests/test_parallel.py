@@ -125,6 +125,21 @@ def test_model_variants_on_a_mesh_equal_one_device(overrides, mesh):
 
 
 @needs_8
+@pytest.mark.parametrize('name, config', [
+    ('pmap', train_fakes.tiny_config(model__matmul_precision='bfloat16')),
+    ('mixed', mesh_config(data=2, fsdp=2, tensor=2, model__matmul_precision='bfloat16')),
+])
+def test_bf16_matmuls_on_8_devices_equal_one_device(name, config):
+  """Under pmap each device runs the native kernel (where there is one), as one device does;
+  on a mesh XLA's partitioned path sums the same rounded operands."""
+  losses, params = run_steps(config, jax.local_devices()[:8], steps=5)
+  losses_1, params_1 = one_device(5, model__matmul_precision='bfloat16')
+  np.testing.assert_allclose(losses, losses_1, rtol=1e-4, err_msg=name)
+  assert_params_close(params, params_1)
+  f32_losses, _ = one_device(5)
+  assert not np.array_equal(losses_1, f32_losses)  # the precision took effect
+
+
 @needs_8
 def test_fsdp_gathers_weights_and_keeps_activations_batch_sharded():
   """The model's residual-stream constraint: without it XLA follows FSDP's d_model-sharded

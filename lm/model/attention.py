@@ -21,6 +21,7 @@ from jax import lax
 from lm.config import ModelConfig
 from lm.model import blockwise
 from lm.model import lora as lora_lib
+from lm.model import matmul
 from lm.model import positions as pos_lib
 from lm.model import ring
 
@@ -157,7 +158,8 @@ class Attention(nn.Module):
     segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
 
     dense = functools.partial(
-        nn.DenseGeneral, use_bias=c.use_bias, dtype=dtype, param_dtype=param_dtype)
+        nn.DenseGeneral, use_bias=c.use_bias, dtype=dtype, param_dtype=param_dtype,
+        dot_general=matmul.projection_dot_general(c.matmul_precision))
     normal = nn.initializers.normal(c.init_std)
     q_BxTxNxH = lora_lib.adapt(c, 'q', dense(
         features=(num_heads, head_dim),
@@ -242,6 +244,7 @@ class Attention(nn.Module):
     return lora_lib.adapt(c, 'o', nn.DenseGeneral(
         features=c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=jnp.dtype(c.dtype),
         param_dtype=jnp.dtype(c.param_dtype),
+        dot_general=matmul.projection_dot_general(c.matmul_precision),
         kernel_init=_partitioned(nn.initializers.normal(out_std),
                                  ('heads', 'head_dim', 'embed')),
         bias_init=_partitioned(nn.initializers.zeros, ('embed',)),

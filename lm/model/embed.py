@@ -62,7 +62,7 @@ def logits(config: ModelConfig, x_BxTxD: jnp.ndarray, token_embed: nn.Embed) -> 
     logits_BxTxV = jnp.einsum('BTD,VD->BTV', x_BxTxD, embedding_VxD)
   else:
     head = ffn_lib.dense(config, config.vocab_size, ('embed', 'vocab'), name='lm_head',
-                         use_bias=False, dtype=jnp.float32)
+                         use_bias=False, dtype=jnp.float32, matmul_precision='float32')
     logits_BxTxV = head(x_BxTxD)
   if config.final_logit_softcap > 0:
     cap = config.final_logit_softcap

@@ -17,7 +17,7 @@ def residual_std(config: ModelConfig) -> float:
 
 def dense(config: ModelConfig, features: int, axes: tuple[str | None, str | None], *,
           name: str, std: float | None = None, use_bias: bool | None = None,
-          dtype: jnp.dtype | None = None) -> nn.Dense:
+          dtype: jnp.dtype | None = None, matmul_precision: str | None = None) -> nn.Dense:
   """nn.Dense with a normal(std) kernel and zero bias, both carrying logical axis names, and
   lm.model.matmul's weight gradient.
 
@@ -29,6 +29,7 @@ def dense(config: ModelConfig, features: int, axes: tuple[str | None, str | None
     std: kernel init std; default config.init_std.
     use_bias: default config.use_bias.
     dtype: compute dtype; default config.dtype.
+    matmul_precision: float32 or bfloat16 operands; default config.matmul_precision.
   """
   std = config.init_std if std is None else std
   return nn.Dense(
@@ -38,7 +39,7 @@ def dense(config: ModelConfig, features: int, axes: tuple[str | None, str | None
       param_dtype=jnp.dtype(config.param_dtype),
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-      dot_general=matmul.dot_general,
+      dot_general=matmul.projection_dot_general(matmul_precision or config.matmul_precision),
       name=name)
 
 

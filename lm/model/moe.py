@@ -74,7 +74,7 @@ class MoE(nn.Module):
     dtype = jnp.dtype(c.dtype)
 
     router = ffn_lib.dense(c, E, ('embed', None), name='router', use_bias=False,
-                           dtype=jnp.float32)
+                           dtype=jnp.float32, matmul_precision='float32')
     logits_BxTxE = router(x_BxTxD.astype(jnp.float32))
     probs_BxTxE = jax.nn.softmax(logits_BxTxE, axis=-1)
     top_probs_BxTxA, expert_BxTxA = jax.lax.top_k(probs_BxTxE, A)

@@ -1,0 +1,1 @@
+"""Native kernels that XLA lacks, each with an XLA fallback of the same semantics."""

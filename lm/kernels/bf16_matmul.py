@@ -1,0 +1,111 @@
+"""A float32 matmul with bfloat16-rounded operands, natively on CPUs with AVX512-BF16.
+
+`matmul(a, b, trans_a, trans_b)` computes op(a) @ op(b) (op: transpose or not) for 2-D float32
+arrays, rounding both operands to bfloat16 and summing the products in float32, as TPUs do at
+their default precision. XLA:CPU runs bfloat16 matmuls at its float32 rate (it converts the
+operands), so on a CPU with AVX512-BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4
+on) this calls bf16_matmul.cc, about 1.9x XLA's float32 rate at a small model's shapes
+(benchmarks/BENCHMARKS.md). Elsewhere it is `lax.dot_general` on the rounded operands: the same
+numbers up to the order of the float32 sums.
+
+The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++) against
+the FFI headers jaxlib ships, into $LM_CACHE_DIR (default ~/.cache/lm), keyed by the source, the
+jaxlib version and the command. Without a compiler, or if the build fails, a warning names the
+cause once and the XLA path is used.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jaxlib
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bf16_matmul.cc')
+_TARGET = 'lm_bf16_matmul'
+
+
+def _cache_dir() -> str:
+  return os.environ.get('LM_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'lm')
+
+
+def _build() -> str:
+  """Compiles the kernel (once per source, jaxlib and command) and returns the library's path."""
+  compiler = os.environ.get('CXX') or 'c++'
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f'no C++ compiler {compiler!r} on PATH (set $CXX to one)')
+  command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-w',
+             f'-I{jax.ffi.include_dir()}']
+  with open(_SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + ' '.join(command).encode())
+  path = os.path.join(_cache_dir(), f'bf16_matmul-{key.hexdigest()[:16]}.so')
+  if os.path.exists(path):
+    return path
+  os.makedirs(_cache_dir(), exist_ok=True)
+  # Built beside its final name and renamed: processes building at once never load half a file.
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
+  os.close(fd)
+  try:
+    result = subprocess.run(command + [_SOURCE, '-o', tmp], capture_output=True, text=True,
+                            check=False)
+    if result.returncode:
+      raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-2000:]}')
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+@functools.cache
+def native() -> bool:
+  """Whether the native kernel serves this process: built, loaded, and the CPU has AVX512-BF16."""
+  try:
+    library = ctypes.cdll.LoadLibrary(_build())
+  except (OSError, RuntimeError) as e:
+    logging.warning('bfloat16 matmuls take XLA\'s float32 path (no faster than float32): the '
+                    'native kernel is unavailable: %s', e)
+    return False
+  if not library.LmBf16Supported():
+    return False  # a CPU without AVX512-BF16: XLA's path is the right one, nothing to say
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.LmBf16Matmul), platform='cpu')
+  return True
+
+
+def _round(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.bfloat16)
+
+
+def reference(a: jax.Array, b: jax.Array, trans_a: bool = False,
+              trans_b: bool = False) -> jax.Array:
+  """op(a) @ op(b) through XLA, with the operands rounded to bfloat16 and float32 sums."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(_round(a), _round(b), dims, preferred_element_type=jnp.float32)
+
+
+def matmul(a: jax.Array, b: jax.Array, trans_a: bool = False,
+           trans_b: bool = False) -> jax.Array:
+  """op(a) [M, K] @ op(b) [K, N] -> [M, N] float32, operands rounded to bfloat16.
+
+  a is [M, K] ([K, M] if trans_a), b [K, N] ([N, K] if trans_b). The native kernel takes
+  float32 operands on CPU where arrays are one device's (a custom call that XLA's sharding
+  propagation met would be gathered onto every device); every other case is `reference`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  local = mesh.empty or mesh.are_all_axes_manual  # one device's arrays (pmap, shard_map)
+  use_native = (a.dtype == b.dtype == jnp.float32 and jax.default_backend() == 'cpu' and local
+                and native())
+  if not use_native:
+    return reference(a, b, trans_a, trans_b)
+  m = a.shape[1] if trans_a else a.shape[0]
+  n = b.shape[0] if trans_b else b.shape[1]
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method='sequential')
+  return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
