@@ -1,9 +1,10 @@
 // C [M, N] = A [M, K] @ B [K, N] with the operands rounded to bfloat16 and the products summed
 // in float32, for XLA:CPU as an FFI custom call (lm/kernels/bf16_matmul.py builds and calls it).
 //
-// Why: XLA:CPU converts bfloat16 dot operands to float32, so its matmuls run at the float32 rate
-// whatever the dtype. AVX512-BF16's vdpbf16ps multiplies 32 bf16 pairs and adds them into 16
-// float32 lanes in one instruction, twice the float32 FMA's work. Inputs and output are float32
+// Why: XLA:CPU's bfloat16 matmuls ran no faster than its float32 ones at a small model's shapes
+// (YNNPACK converts the operands; other paths slow down for a transposed left operand, which
+// every weight gradient reads). AVX512-BF16's vdpbf16ps multiplies 32 bf16 pairs and adds them
+// into 16 float32 lanes in one instruction, twice the float32 FMA's work. Inputs and output are float32
 // arrays; rounding (to nearest even) happens while the operands are repacked.
 //
 // Layout. vdpbf16ps lane i adds a[2i] * b[2i] + a[2i+1] * b[2i+1], so both operands are packed as

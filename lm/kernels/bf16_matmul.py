@@ -2,11 +2,12 @@
 
 `matmul(a, b, trans_a, trans_b)` computes op(a) @ op(b) (op: transpose or not) for 2-D float32
 arrays, rounding both operands to bfloat16 and summing the products in float32, as TPUs do at
-their default precision. XLA:CPU runs bfloat16 matmuls at its float32 rate (it converts the
-operands), so on a CPU with AVX512-BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4
-on) this calls bf16_matmul.cc, about 1.9x XLA's float32 rate at a small model's shapes
-(benchmarks/BENCHMARKS.md). Elsewhere it is `lax.dot_general` on the rounded operands: the same
-numbers up to the order of the float32 sums.
+their default precision. On a CPU with AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids and
+later; AMD Zen 4 and later) this calls bf16_matmul.cc: about 1.9x XLA's float32 rate at a small
+model's shapes, where XLA's own bfloat16 matmuls ran at its float32 rate (under YNNPACK, which
+converts the operands) or, for a transposed left operand, below it (benchmarks/BENCHMARKS.md).
+Elsewhere it is `lax.dot_general` on the rounded operands: the same numbers up to the order of
+the float32 sums.
 
 The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++) against
 the FFI headers jaxlib ships, into $LM_CACHE_DIR (default ~/.cache/lm), keyed by the source, the
