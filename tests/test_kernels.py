@@ -1,6 +1,7 @@
 """Tests for lm/kernels: the native bfloat16 matmul against XLA on the same rounded operands."""
 
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,21 @@ from lm.kernels import bf16_matmul
 
 native = pytest.mark.skipif(not bf16_matmul.native(),
                             reason='no AVX512-BF16 on this CPU, or no C++ compiler')
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return {flag for line in f if line.startswith('flags') for flag in line.split()}
+  except OSError:
+    return set()
+
+
+@pytest.mark.skipif('avx512_bf16' not in _cpu_flags() or not shutil.which('c++'),
+                    reason='a CPU without AVX512-BF16, or no C++ compiler: XLA serves')
+def test_the_kernel_builds_and_serves_where_the_cpu_can_run_it():
+  # Guards the skips below: a broken build would otherwise skip every kernel test silently.
+  assert bf16_matmul.native()
 
 
 def _operands(m, k, n, trans_a, trans_b, seed=0):
@@ -30,7 +46,7 @@ def _rounded_product(a, b, trans_a, trans_b):
 # Tails of every block: M not a multiple of 12 rows, N not of 32 columns, K odd, and K over
 # 512 (two blocks of k pairs); plus this project's own shapes.
 SHAPES = [(1, 1, 1), (5, 7, 3), (13, 33, 65), (12, 2, 32), (37, 600, 70), (25, 1025, 17),
-          (384, 128, 512), (128, 384, 128)]
+          (384, 128, 512), (128, 384, 128), (513, 301, 450)]  # the last over kParallelWork
 
 
 @native

@@ -16,8 +16,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -29,6 +32,9 @@ namespace {
 constexpr int64_t kMR = 12;   // rows of C per micro-kernel call
 constexpr int64_t kNR = 32;   // columns of C per micro-kernel call: two vectors
 constexpr int64_t kKPC = 256; // k pairs per block of B kept hot in cache
+// Multiply-adds below which a matmul stays on its caller's thread: a small model's matmuls
+// (shakespeare_char's are 6-25M) run where each data-parallel device already has its core.
+constexpr int64_t kParallelWork = int64_t{1} << 26;
 
 // Lane i of the result holds (lo[i], hi[i]) as bf16: lo in the low half of the 32-bit word.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i PairUp(__m512 lo, __m512 hi) {
@@ -140,9 +146,30 @@ struct Scratch {
 };
 thread_local Scratch scratch;
 
+// Runs fn(chunk) for every chunk in [0, chunks) on the caller and up to `helpers` pool threads.
+// Chunks are claimed from a shared counter, so the caller never waits for a task that has not
+// started (pool threads may be busy, or be the callers of other devices' matmuls); a task that
+// starts after every chunk is claimed returns without touching fn.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, int64_t helpers, const Fn& fn) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  auto work = [progress, chunks, fn_ptr = &fn] {
+    for (int64_t c; (c = progress->next.fetch_add(1)) < chunks;) {
+      (*fn_ptr)(c);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  while (progress->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
 // a: [M, K] (or [K, M] if trans_a); b: [K, N] (or [N, K] if trans_b); c: [M, N]. Row-major.
 void Matmul(const float* a, const float* b, float* c, int64_t m, int64_t k, int64_t n,
-            bool trans_a, bool trans_b) {
+            bool trans_a, bool trans_b, ffi::ThreadPool& pool) {
   const int64_t kp = (k + 1) / 2;
   Scratch& s = scratch;
   s.a.resize(m * kp);
@@ -162,22 +189,40 @@ void Matmul(const float* a, const float* b, float* c, int64_t m, int64_t k, int6
   } else {
     PackAcrossRows(b, k, n, n, s.b.data());
   }
-  for (int64_t p0 = 0; p0 < kp; p0 += kKPC) {
-    const int64_t pc = std::min(kKPC, kp - p0);
-    for (int64_t j = 0; j < n; j += kNR) {
-      const int64_t nr = std::min(kNR, n - j);
-      const uint32_t* bj = s.b.data() + p0 * n + j;
-      for (int64_t i = 0; i < m; i += kMR) {
-        const int64_t mr = std::min(kMR, m - i);
-        kKernels[mr](s.a.data() + i * a_rs + p0 * a_ps, a_rs, a_ps, bj, n, pc, c + i * n + j, n,
-                     nr, p0 > 0);
+  // C in tiles of kMR rows by kNR columns; a chunk is a run of whole tile rows or columns,
+  // whichever there are more of.
+  const int64_t row_tiles = (m + kMR - 1) / kMR, col_tiles = (n + kNR - 1) / kNR;
+  const bool by_rows = row_tiles >= col_tiles;
+  const int64_t threads = m * n * k >= kParallelWork ? std::max<int64_t>(pool.num_threads(), 1) : 1;
+  const int64_t chunks = std::min(threads, by_rows ? row_tiles : col_tiles);
+  const uint32_t* pa = s.a.data();
+  const uint32_t* pb = s.b.data();
+  auto run = [&](int64_t chunk) {
+    const int64_t tiles = by_rows ? row_tiles : col_tiles;
+    const int64_t t0 = tiles * chunk / chunks, t1 = tiles * (chunk + 1) / chunks;
+    const int64_t i0 = by_rows ? t0 * kMR : 0, i1 = by_rows ? std::min(m, t1 * kMR) : m;
+    const int64_t j0 = by_rows ? 0 : t0 * kNR, j1 = by_rows ? n : std::min(n, t1 * kNR);
+    for (int64_t p0 = 0; p0 < kp; p0 += kKPC) {
+      const int64_t pc = std::min(kKPC, kp - p0);
+      for (int64_t j = j0; j < j1; j += kNR) {
+        const int64_t nr = std::min(kNR, j1 - j);
+        for (int64_t i = i0; i < i1; i += kMR) {
+          kKernels[std::min(kMR, i1 - i)](pa + i * a_rs + p0 * a_ps, a_rs, a_ps,
+                                          pb + p0 * n + j, n, pc, c + i * n + j, n, nr, p0 > 0);
+        }
       }
     }
+  };
+  if (chunks <= 1) {
+    run(0);
+  } else {
+    ParallelFor(pool, chunks, chunks - 1, run);
   }
 }
 
-ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                          ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                          ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, bool trans_a,
+                          bool trans_b) {
   auto ad = a.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || bd.size() != 2)
     return ffi::Error::InvalidArgument("bf16_matmul takes 2-D operands");
@@ -189,7 +234,7 @@ ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     std::memset(c->typed_data(), 0, sizeof(float) * m * n);
     return ffi::Error::Success();
   }
-  Matmul(a.typed_data(), b.typed_data(), c->typed_data(), m, k, n, trans_a, trans_b);
+  Matmul(a.typed_data(), b.typed_data(), c->typed_data(), m, k, n, trans_a, trans_b, pool);
   return ffi::Error::Success();
 }
 
@@ -197,6 +242,7 @@ ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmBf16Matmul, Bf16MatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

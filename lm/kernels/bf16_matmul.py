@@ -7,7 +7,8 @@ later; AMD Zen 4 and later) this calls bf16_matmul.cc: about 1.9x XLA's float32 
 model's shapes, where XLA's own bfloat16 matmuls ran at its float32 rate (under YNNPACK, which
 converts the operands) or, for a transposed left operand, below it (benchmarks/BENCHMARKS.md).
 Elsewhere it is `lax.dot_general` on the rounded operands: the same numbers up to the order of
-the float32 sums.
+the float32 sums. The kernel splits matmuls of 2^26 multiply-adds or more over XLA's intra-op
+threads and runs smaller ones on its caller's thread.
 
 The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++) against
 the FFI headers jaxlib ships, into $LM_CACHE_DIR (default ~/.cache/lm), keyed by the source, the
