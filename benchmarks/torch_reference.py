@@ -1,13 +1,15 @@
 """The same character-level Shakespeare model in PyTorch eager, timed on this machine.
 
   pip install torch  # CPU wheel; not a dependency of lm
-  python benchmarks/torch_reference.py [--steps=200] [--threads=N] [--compile]
+  python benchmarks/torch_reference.py [--steps=200] [--threads=N] [--compile] [--bf16]
 
 The issue's speed goal is relative to nanoGPT's CPU recipe, quoted as about 30 ms per
 iteration. This measures what a PyTorch GPT of that shape (4 layers, 4 heads, 128 wide,
 64-token context, batch 12, no biases, tied embedding, AdamW) actually takes here, so the
 comparison in BENCHMARKS.md is against a number taken on the same machine, not a quote.
 Written for this benchmark; it trains on random tokens (speed does not depend on the data).
+--bf16 runs the forward pass under CPU autocast to bfloat16 (PyTorch's nearest counterpart of
+lm's model.matmul_precision=bfloat16: its linear layers then take and give bfloat16).
 """
 
 import argparse
@@ -62,6 +64,7 @@ def main():
   parser.add_argument('--warmup', type=int, default=20)
   parser.add_argument('--threads', type=int, default=0, help='0: torch default')
   parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+  parser.add_argument('--bf16', action='store_true', help='forward under bfloat16 autocast')
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -73,8 +76,9 @@ def main():
   tokens = torch.randint(vocab, (batch, context + 1))
 
   def step():
-    logits = step_model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16):
+      logits = step_model(tokens[:, :-1])
+      loss = F.cross_entropy(logits.reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -87,7 +91,8 @@ def main():
     step()
   ms = (time.perf_counter() - start) / args.steps * 1e3
   params = sum(p.numel() for p in model.parameters())
-  print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}: '
+  print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}, '
+        f'bf16={args.bf16}: '
         f'{ms:.1f} ms/step, {batch * context / ms * 1e3:,.0f} tokens/s, {params / 1e6:.2f}M params')
 
 

@@ -30,7 +30,8 @@ def get_config(arg=None):
   m.scan_layers = False  # on CPU the scanned backward is about 2x slower at this size
   # The projections' matmuls on bfloat16-rounded operands with float32 sums (TPU's default):
   # on a CPU with AVX512-BF16 lm's native kernel runs them about 1.9x faster than XLA's float32,
-  # 28 -> 19 ms/step, and the validation loss is the same (1.837 vs 1.836; BENCHMARKS.md).
+  # 28 -> 20 ms/step, and the validation loss is the same (1.837 vs 1.836; BENCHMARKS.md).
+  # Without AVX512-BF16 XLA's path is slower than float32, and a warning says to set float32.
   m.matmul_precision = 'bfloat16'
   t = config.train
   t.steps, t.batch_size, t.log_every = 2000, 12, 100

@@ -528,6 +528,11 @@ def _validate_attention(m: ModelConfig) -> None:
     if m.attention_window:
       _fail('model.attention_window', f"is {m.attention_window} with attention_pattern='fixed', "
             'whose summary positions reach back to the start', 'Set attention_window=0.')
+  if m.matmul_precision == 'bfloat16' and m.dtype != 'float32':
+    _fail('model.matmul_precision', f"is 'bfloat16', which rounds float32 operands, but "
+          f'model.dtype={m.dtype} computes in 16 bits already (float16 operands would lose '
+          'precision to bfloat16)', "Use matmul_precision='float32' with a 16-bit dtype, or "
+          "dtype='float32' with matmul_precision='bfloat16'.")
   if m.attention_impl == 'cudnn':
     if m.dtype not in ('bfloat16', 'float16'):
       _fail('model.dtype', f"is {m.dtype!r}, but cuDNN's fused attention (attention_impl="

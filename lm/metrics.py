@@ -47,8 +47,9 @@ def measured_cpu_flops(size: int = 1024, repeats: int = 5,
   """FLOP/s of [size, size] matmuls on the CPU: the best of a few timed runs.
 
   On CPU every (fake) device shares the same cores, so this is the whole host's peak. XLA's
-  float32 matmul spreads over the cores by itself; the bfloat16 kernel runs on its caller's
-  thread, so it is timed on every local CPU device at once, as a data-parallel step runs it.
+  float32 matmul spreads over the cores by itself. The bfloat16 kernel runs a data-parallel
+  step's small matmuls on each device's own thread, so it is timed on every local CPU device at
+  once. Under parallel.strategy=mesh bfloat16 matmuls take XLA's path, slower than this peak.
   """
   if matmul_precision == 'bfloat16':
     devices = jax.local_devices(backend='cpu')

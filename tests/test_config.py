@@ -110,6 +110,8 @@ def test_wrong_type_names_key():
     (dict(model__norm='batchnorm'), r'model\.norm'),
     (dict(model__dtype='float64'), r'model\.dtype'),
     (dict(model__matmul_precision='tf32'), r"model\.matmul_precision.*'tf32'"),
+    (dict(model__matmul_precision='bfloat16', model__dtype='float16'),
+     r'model\.matmul_precision.*model\.dtype=float16'),
     (dict(data__tokenizer='bpe'), r'data\.tokenizer'),
     (dict(data__val_fraction=0.0), r'data\.val_fraction'),
     (dict(data__eval_stride=999, data__seq_len=64, model__max_seq_len=64), r'data\.eval_stride'),

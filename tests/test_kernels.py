@@ -46,7 +46,9 @@ def _rounded_product(a, b, trans_a, trans_b):
 # Tails of every block: M not a multiple of 12 rows, N not of 32 columns, K odd, and K over
 # 512 (two blocks of k pairs); plus this project's own shapes.
 SHAPES = [(1, 1, 1), (5, 7, 3), (13, 33, 65), (12, 2, 32), (37, 600, 70), (25, 1025, 17),
-          (384, 128, 512), (128, 384, 128), (513, 301, 450)]  # the last over kParallelWork
+          (384, 128, 512), (128, 384, 128),
+          # Over kParallelWork (2^26), split over threads: by rows; by columns, 3 k-pair blocks.
+          (513, 301, 450), (40, 1100, 2048)]
 
 
 @native
@@ -93,8 +95,42 @@ def test_kernel_under_vmap_and_pmap():
   np.testing.assert_allclose(jax.vmap(bf16_matmul.matmul)(a, b), want, rtol=1e-5, atol=1e-5)
   devices = jax.local_devices()[:2]
   if len(devices) == 2:
-    got = jax.pmap(bf16_matmul.matmul, devices=devices)(a, b)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    pmapped = jax.pmap(bf16_matmul.matmul, devices=devices)
+    np.testing.assert_allclose(pmapped(a, b), want, rtol=1e-5, atol=1e-5)
+    assert 'lm_bf16_matmul' in pmapped.lower(a, b).as_text()
+
+
+@native
+@pytest.mark.parametrize('devices, kernel', [(2, False), (1, True)])
+def test_a_partitioned_mesh_takes_xla_and_a_one_device_mesh_the_kernel(devices, kernel):
+  if jax.local_device_count() < devices:
+    pytest.skip('needs 2 (fake) devices')
+  a, b = _operands(16, 24, 8, False, False)
+  mesh = jax.make_mesh((devices,), ('data',), devices=jax.local_devices()[:devices])
+  with jax.set_mesh(mesh):
+    assert ('lm_bf16_matmul' in jax.jit(bf16_matmul.matmul).lower(a, b).as_text()) == kernel
+
+
+def test_cpus_without_the_kernel_warn_once_that_xla_is_slower(monkeypatch, caplog):
+  monkeypatch.setattr(bf16_matmul, 'native', lambda: False)
+  bf16_matmul._warn_xla_path.cache_clear()
+  a, b = _operands(6, 10, 4, False, False)
+  with caplog.at_level(logging.WARNING):
+    for _ in range(2):
+      np.testing.assert_allclose(bf16_matmul.matmul(a, b), _rounded_product(a, b, False, False),
+                                 rtol=1e-6, atol=1e-5)
+  warnings = [r.getMessage() for r in caplog.records if 'slower than float32' in r.getMessage()]
+  assert len(warnings) == 1 and 'matmul_precision=float32' in warnings[0]
+
+
+def test_other_architectures_do_not_try_to_build(monkeypatch):
+  monkeypatch.setattr(bf16_matmul.platform, 'machine', lambda: 'aarch64')
+  monkeypatch.setattr(bf16_matmul, '_build', lambda: pytest.fail('built on aarch64'))
+  bf16_matmul.native.cache_clear()
+  try:
+    assert not bf16_matmul.native()
+  finally:
+    bf16_matmul.native.cache_clear()
 
 
 def test_a_failed_build_warns_once_and_xla_takes_over(monkeypatch, tmp_path, caplog):
@@ -107,7 +143,7 @@ def test_a_failed_build_warns_once_and_xla_takes_over(monkeypatch, tmp_path, cap
       a, b = _operands(6, 10, 4, False, False)
       got = jax.jit(bf16_matmul.matmul).lower(a, b).as_text()
     assert 'lm_bf16_matmul' not in got
-    warnings = [r.getMessage() for r in caplog.records if 'native kernel' in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if 'unavailable' in r.getMessage()]
     assert len(warnings) == 1 and 'no-such-compiler-lm' in warnings[0] and '$CXX' in warnings[0]
     np.testing.assert_allclose(bf16_matmul.matmul(a, b),
                                _rounded_product(a, b, False, False), rtol=1e-6, atol=1e-5)

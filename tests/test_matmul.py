@@ -208,6 +208,21 @@ def test_bf16_precision_takes_every_projection_but_the_head_and_router(tie):
   assert 0 < diff.max() < 0.05 * np.abs(np.asarray(logits['float32'])).max()
 
 
+def test_bf16_precision_leaves_the_moe_router_and_untied_head_in_float32(monkeypatch):
+  shapes = []
+  bf16_dot_general = matmul.bf16_dot_general
+  def recording(lhs, rhs, *args, **kwargs):
+    shapes.append(rhs.shape)
+    return bf16_dot_general(lhs, rhs, *args, **kwargs)
+  monkeypatch.setattr(matmul, 'bf16_dot_general', recording)
+  tokens_BxT = jnp.zeros((2, 8), jnp.int32)
+  model = Transformer(tiny(matmul_precision='bfloat16', scan_layers=False, ffn='moe',
+                           num_experts=4, top_k=2, tie_embeddings=False))
+  model.init(jax.random.key(0), tokens_BxT)
+  assert (32, 48) in shapes and (32, 4, 8) in shapes  # an expert's gate/up, the query
+  assert (32, 4) not in shapes and (32, 64) not in shapes  # the router, the LM head
+
+
 def test_bf16_precision_runs_the_moe_experts_under_vmap():
   if not matmul.bf16_matmul.native():
     pytest.skip('no native bfloat16 kernel here')

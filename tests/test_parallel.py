@@ -128,6 +128,7 @@ def test_model_variants_on_a_mesh_equal_one_device(overrides, mesh):
 @pytest.mark.parametrize('name, config', [
     ('pmap', train_fakes.tiny_config(model__matmul_precision='bfloat16')),
     ('mixed', mesh_config(data=2, fsdp=2, tensor=2, model__matmul_precision='bfloat16')),
+    ('context', mesh_config(data=2, context=2, tensor=2, model__matmul_precision='bfloat16')),
 ])
 def test_bf16_matmuls_on_8_devices_equal_one_device(name, config):
   """Under pmap each device runs the native kernel (where there is one), as one device does;

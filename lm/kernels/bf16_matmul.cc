@@ -35,6 +35,8 @@ constexpr int64_t kKPC = 256; // k pairs per block of B kept hot in cache
 // Multiply-adds below which a matmul stays on its caller's thread: a small model's matmuls
 // (shakespeare_char's are 6-25M) run where each data-parallel device already has its core.
 constexpr int64_t kParallelWork = int64_t{1} << 26;
+// Packing buffers up to this size are kept for the thread's next call; larger ones are freed.
+constexpr size_t kKeepScratchBytes = size_t{64} << 20;
 
 // Lane i of the result holds (lo[i], hi[i]) as bf16: lo in the low half of the 32-bit word.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i PairUp(__m512 lo, __m512 hi) {
@@ -218,6 +220,8 @@ void Matmul(const float* a, const float* b, float* c, int64_t m, int64_t k, int6
   } else {
     ParallelFor(pool, chunks, chunks - 1, run);
   }
+  if ((s.a.capacity() + s.b.capacity() + s.t.capacity()) * sizeof(uint32_t) > kKeepScratchBytes)
+    s = Scratch();
 }
 
 ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -50,15 +51,20 @@ def _build() -> str:
   path = os.path.join(_cache_dir(), f'bf16_matmul-{key.hexdigest()[:16]}.so')
   if os.path.exists(path):
     return path
-  os.makedirs(_cache_dir(), exist_ok=True)
-  # Built beside its final name and renamed: processes building at once never load half a file.
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
-  os.close(fd)
+  try:
+    os.makedirs(_cache_dir(), exist_ok=True)
+    # Built beside its final name and renamed: processes building at once never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
+    os.close(fd)
+  except OSError as e:
+    raise RuntimeError(f'cannot write the kernel cache {_cache_dir()} ({e}); point '
+                       '$LM_CACHE_DIR at a writable directory') from e
   try:
     result = subprocess.run(command + [_SOURCE, '-o', tmp], capture_output=True, text=True,
-                            check=False)
+                            check=False, timeout=600)
     if result.returncode:
       raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-2000:]}')
+    os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -69,11 +75,13 @@ def _build() -> str:
 @functools.cache
 def native() -> bool:
   """Whether the native kernel serves this process: built, loaded, and the CPU has AVX512-BF16."""
+  if platform.machine().lower() not in ('x86_64', 'amd64'):
+    return False  # AVX512-BF16 is an x86 extension
   try:
     library = ctypes.cdll.LoadLibrary(_build())
-  except (OSError, RuntimeError) as e:
-    logging.warning('bfloat16 matmuls take XLA\'s float32 path (no faster than float32): the '
-                    'native kernel is unavailable: %s', e)
+  except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+    logging.warning('The native bfloat16 matmul kernel is unavailable, so bfloat16 matmuls take '
+                    'XLA\'s path: %s', e)
     return False
   if not library.LmBf16Supported():
     return False  # a CPU without AVX512-BF16: XLA's path is the right one, nothing to say
@@ -92,19 +100,39 @@ def reference(a: jax.Array, b: jax.Array, trans_a: bool = False,
   return lax.dot_general(_round(a), _round(b), dims, preferred_element_type=jnp.float32)
 
 
+def applies(*operands: jax.Array) -> bool:
+  """Whether `matmul` of these operands runs the native kernel, traced here.
+
+  It takes float32 operands on CPU where arrays are one device's: outside a mesh, under pmap or
+  shard_map (every mesh axis manual), or on a one-device mesh. Under a mesh that XLA partitions
+  the operands would be gathered onto every device around the custom call, so XLA's own matmul
+  serves there. A jit with NamedSharding inputs but no jax.set_mesh looks like no mesh here.
+  """
+  if any(x.dtype != jnp.float32 for x in operands) or jax.default_backend() != 'cpu':
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  local = mesh.empty or mesh.are_all_axes_manual or mesh.size == 1
+  if local and not native():
+    _warn_xla_path()
+  return local and native()
+
+
+@functools.cache
+def _warn_xla_path() -> None:
+  logging.warning(
+      'bfloat16 matmuls on this CPU take XLA\'s path, which is slower than float32 here (no '
+      'AVX512-BF16, or the kernel did not build: see any warning above). For speed set '
+      '--config.model.matmul_precision=float32.')
+
+
 def matmul(a: jax.Array, b: jax.Array, trans_a: bool = False,
            trans_b: bool = False) -> jax.Array:
   """op(a) [M, K] @ op(b) [K, N] -> [M, N] float32, operands rounded to bfloat16.
 
-  a is [M, K] ([K, M] if trans_a), b [K, N] ([N, K] if trans_b). The native kernel takes
-  float32 operands on CPU where arrays are one device's (a custom call that XLA's sharding
-  propagation met would be gathered onto every device); every other case is `reference`.
+  a is [M, K] ([K, M] if trans_a), b [K, N] ([N, K] if trans_b): the native kernel where
+  `applies`, else `reference`.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  local = mesh.empty or mesh.are_all_axes_manual  # one device's arrays (pmap, shard_map)
-  use_native = (a.dtype == b.dtype == jnp.float32 and jax.default_backend() == 'cpu' and local
-                and native())
-  if not use_native:
+  if not applies(a, b):
     return reference(a, b, trans_a, trans_b)
   m = a.shape[1] if trans_a else a.shape[0]
   n = b.shape[0] if trans_b else b.shape[1]

@@ -10,7 +10,7 @@ benchmarks/weight_grad.py times both). Other backends' matmul libraries take tra
 operands as they are, so there this is plain `lax.dot_general`.
 
 On CPU the custom VJP rules out forward-mode derivatives (jax.jvp, jacfwd, hessian) through a
-Dense layer; nothing in lm takes them. Its output carries the checkpoint name CHECKPOINT_NAME,
+Dense layer, as bf16_dot_general's does on every backend; nothing in lm takes them. Its output carries the checkpoint name CHECKPOINT_NAME,
 which the transformer's 'dots' remat policies save as they save every other matmul.
 
 bf16_dot_general is the projections' matmul when model.matmul_precision is bfloat16: operands
@@ -90,21 +90,44 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
                          preferred_element_type=preferred_element_type)
 
 
+def _round(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.bfloat16)
+
+
+def _bf16_matmul_impl(x_XxK: jax.Array, w_KxO: jax.Array) -> jax.Array:
+  if bf16_matmul.applies(x_XxK, w_KxO):
+    y_MxO = bf16_matmul.matmul(x_XxK.reshape(-1, x_XxK.shape[-1]), w_KxO)
+    return y_MxO.reshape(x_XxK.shape[:-1] + w_KxO.shape[1:])
+  return lax.dot_general(_round(x_XxK), _round(w_KxO), (((x_XxK.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def _bf16_matmul(x_XxK: jax.Array, w_KxO: jax.Array) -> jax.Array:
-  """x [X, K] @ w [K, O] -> [X, O] float32, operands rounded to bfloat16."""
-  return bf16_matmul.matmul(x_XxK, w_KxO)
+  """x [..., K] @ w [K, O] -> [..., O] float32, operands rounded to bfloat16."""
+  return _bf16_matmul_impl(x_XxK, w_KxO)
 
 
 def _bf16_matmul_fwd(x_XxK, w_KxO):
-  return _bf16_matmul(x_XxK, w_KxO), (x_XxK, w_KxO)
+  return _bf16_matmul_impl(x_XxK, w_KxO), (x_XxK, w_KxO)
 
 
 def _bf16_matmul_bwd(residuals, dy_XxO):
-  """dx = dy w^T and dw = x^T dy, at the same precision; the kernel reads the transposes."""
+  """dx = dy w^T and dw = x^T dy, at the same precision. The kernel reads the transposes as
+  stored; XLA's path contracts the token axes where they are (see weight_gradient)."""
   x_XxK, w_KxO = residuals
-  dx_XxK = bf16_matmul.matmul(dy_XxO, w_KxO, trans_b=True)
-  dw_KxO = bf16_matmul.matmul(x_XxK, dy_XxO, trans_a=True)
+  if bf16_matmul.applies(x_XxK, w_KxO, dy_XxO):
+    x_MxK = x_XxK.reshape(-1, x_XxK.shape[-1])
+    dy_MxO = dy_XxO.reshape(-1, dy_XxO.shape[-1])
+    dx_XxK = bf16_matmul.matmul(dy_MxO, w_KxO, trans_b=True).reshape(x_XxK.shape)
+    dw_KxO = bf16_matmul.matmul(x_MxK, dy_MxO, trans_a=True)
+  else:
+    tokens = tuple(range(x_XxK.ndim - 1))
+    dx_XxK = lax.dot_general(_round(dy_XxO), _round(w_KxO),
+                             (((dy_XxO.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    dw_KxO = lax.dot_general(_round(x_XxK), _round(dy_XxO), ((tokens, tokens), ((), ())),
+                             preferred_element_type=jnp.float32)
   return dx_XxK.astype(x_XxK.dtype), dw_KxO.astype(w_KxO.dtype)
 
 
@@ -116,8 +139,11 @@ def bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisio
   """lax.dot_general with both operands rounded to bfloat16 and the products summed in float32.
 
   A projection (Dense, DenseGeneral: lhs's trailing axes contracted with rhs's leading ones,
-  no batch axes) runs as one 2-D matmul, natively on CPU; any other contraction through XLA.
-  The result has the operands' dtype unless preferred_element_type says otherwise.
+  no batch axes) is one matmul over its merged contracted and feature axes, with the token axes
+  left as they are, and a custom VJP that sums its gradients in float32 too. Any other
+  contraction is lax.dot_general on the rounded operands, whose gradients follow JAX's own
+  transpose rules (bfloat16 results); lm has none. The result has the operands' dtype unless
+  preferred_element_type says otherwise.
   """
   del precision  # the rounding is the precision
   (lhs_contract, rhs_contract), batch = dimension_numbers
@@ -126,11 +152,11 @@ def bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisio
   is_projection = (not any(batch) and tuple(rhs_contract) == tuple(range(c))
                    and tuple(lhs_contract) == tuple(range(lhs.ndim - c, lhs.ndim)))
   if not is_projection:
-    return lax.dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers,
+    return lax.dot_general(_round(lhs), _round(rhs), dimension_numbers,
                            preferred_element_type=jnp.float32).astype(out_dtype)
-  tokens, contracted, features = lhs.shape[:-c], rhs.shape[:c], rhs.shape[c:]
-  k = math.prod(contracted)
-  y_XxO = _bf16_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1))
+  tokens, features = lhs.shape[:-c], rhs.shape[c:]
+  k = math.prod(rhs.shape[:c])
+  y_XxO = _bf16_matmul(lhs.reshape(tokens + (k,)), rhs.reshape(k, -1))
   return checkpoint_name(y_XxO.reshape(tokens + features).astype(out_dtype), CHECKPOINT_NAME)
 
 
