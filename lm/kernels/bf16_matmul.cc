@@ -38,6 +38,11 @@ constexpr int64_t kParallelWork = int64_t{1} << 26;
 // Packing buffers up to this size are kept for the thread's next call; larger ones are freed.
 constexpr size_t kKeepScratchBytes = size_t{64} << 20;
 
+// The first min(n, 16) of 16 lanes.
+inline __mmask16 TailMask(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(n, 0)) - 1);
+}
+
 // Lane i of the result holds (lo[i], hi[i]) as bf16: lo in the low half of the 32-bit word.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i PairUp(__m512 lo, __m512 hi) {
   // cvtne2ps_pbh puts hi's 16 values above lo's; the permutation interleaves them.
@@ -61,12 +66,10 @@ void PackAlongRows(const float* x, int64_t rows, int64_t cols, int64_t ld, uint3
     }
     if (c < cols) {
       const int64_t left = cols - c;  // 1..31
-      __mmask16 lo = (__mmask16)((1u << std::min<int64_t>(left, 16)) - 1);
-      __mmask16 hi = left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
-      __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + c + 16),
-                                       _mm512_maskz_loadu_ps(lo, src + c));
+      __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(TailMask(left - 16), src + c + 16),
+                                       _mm512_maskz_loadu_ps(TailMask(left), src + c));
       const int64_t n_words = (left + 1) / 2;
-      _mm512_mask_storeu_epi32(dst + c / 2, (__mmask16)((1u << n_words) - 1), (__m512i)v);
+      _mm512_mask_storeu_epi32(dst + c / 2, TailMask(n_words), (__m512i)v);
     }
   }
 }
@@ -81,7 +84,7 @@ void PackAcrossRows(const float* x, int64_t rows, int64_t cols, int64_t ld, uint
     const float* odd = 2 * p + 1 < rows ? even + ld : nullptr;
     uint32_t* dst = out + p * cols;
     for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 m = cols - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+      const __mmask16 m = TailMask(cols - c);
       __m512 e = _mm512_maskz_loadu_ps(m, even + c);
       __m512 o = odd ? _mm512_maskz_loadu_ps(m, odd + c) : _mm512_setzero_ps();
       // Words for 16 columns: the even row's value low, the odd row's high.
@@ -91,14 +94,44 @@ void PackAcrossRows(const float* x, int64_t rows, int64_t cols, int64_t ld, uint
   }
 }
 
-// Words [R, W] -> [W, R].
+// Words [R, W] -> [W, R], 16 x 16 tiles transposed in registers: 32-bit then 64-bit interleaves
+// leave each 128-bit lane a transposed 4 x 4 block, and two lane shuffles gather the blocks.
+__attribute__((target("avx512f")))
 void TransposeWords(const uint32_t* in, int64_t rows, int64_t words, uint32_t* out) {
-  constexpr int64_t kTile = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-    for (int64_t w0 = 0; w0 < words; w0 += kTile)
-      for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
-        for (int64_t w = w0; w < std::min(words, w0 + kTile); ++w)
-          out[w * rows + r] = in[r * words + w];
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+      const int64_t nw = std::min<int64_t>(16, words - w0);
+      __m512i r[16], a[16], b[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nr ? _mm512_maskz_loadu_epi32(TailMask(nw), in + (r0 + i) * words + w0)
+                      : _mm512_setzero_si512();
+      for (int i = 0; i < 8; ++i) {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 4; ++i) {  // b[4i + j], lane L: column 4L + j of rows 4i..4i + 3
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);  // lanes 0, 2 of each
+        const __m512i c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);  // lanes 1, 3 of each
+        const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+        const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+        const __m512i column[4] = {_mm512_shuffle_i32x4(c0, c2, 0x88),
+                                   _mm512_shuffle_i32x4(c1, c3, 0x88),
+                                   _mm512_shuffle_i32x4(c0, c2, 0xDD),
+                                   _mm512_shuffle_i32x4(c1, c3, 0xDD)};
+        for (int l = 0; l < 4; ++l) {
+          const int64_t w = 4 * l + j;
+          if (w < nw) _mm512_mask_storeu_epi32(out + (w0 + w) * rows + r0, TailMask(nr), column[l]);
+        }
+      }
+    }
+  }
 }
 
 // C[0:mr, 0:nr] (+)= A words (row stride a_rs, pair stride a_ps) x B words [kp][ldb], kp pairs.
@@ -109,9 +142,7 @@ void MicroKernel(const uint32_t* a, int64_t a_rs, int64_t a_ps, const uint32_t* 
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-  const __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
-  const __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF
-                       : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
+  const __mmask16 m0 = TailMask(nr), m1 = TailMask(nr - 16);
   for (int64_t p = 0; p < kp; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, b + p * ldb);
     const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + p * ldb + 16);
