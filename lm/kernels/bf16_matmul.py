@@ -84,7 +84,7 @@ def native() -> bool:
                     'XLA\'s path: %s', e)
     return False
   if not library.LmBf16Supported():
-    return False  # a CPU without AVX512-BF16: XLA's path is the right one, nothing to say
+    return False  # a CPU without AVX512-BF16 (applies() warns that XLA's path is slower)
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.LmBf16Matmul), platform='cpu')
   return True
 
