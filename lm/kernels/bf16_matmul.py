@@ -89,7 +89,8 @@ def native() -> bool:
   return True
 
 
-def _round(x: jax.Array) -> jax.Array:
+def rounded(x: jax.Array) -> jax.Array:
+  """x rounded to bfloat16 (to nearest even), the operand both paths multiply."""
   return x.astype(jnp.bfloat16)
 
 
@@ -97,7 +98,7 @@ def reference(a: jax.Array, b: jax.Array, trans_a: bool = False,
               trans_b: bool = False) -> jax.Array:
   """op(a) @ op(b) through XLA, with the operands rounded to bfloat16 and float32 sums."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(_round(a), _round(b), dims, preferred_element_type=jnp.float32)
+  return lax.dot_general(rounded(a), rounded(b), dims, preferred_element_type=jnp.float32)
 
 
 def applies(*operands: jax.Array) -> bool:
@@ -111,10 +112,12 @@ def applies(*operands: jax.Array) -> bool:
   if any(x.dtype != jnp.float32 for x in operands) or jax.default_backend() != 'cpu':
     return False
   mesh = jax.sharding.get_abstract_mesh()
-  local = mesh.empty or mesh.are_all_axes_manual or mesh.size == 1
-  if local and not native():
+  if not (mesh.empty or mesh.are_all_axes_manual or mesh.size == 1):
+    return False
+  if not native():
     _warn_xla_path()
-  return local and native()
+    return False
+  return True
 
 
 @functools.cache

@@ -10,8 +10,9 @@ benchmarks/weight_grad.py times both). Other backends' matmul libraries take tra
 operands as they are, so there this is plain `lax.dot_general`.
 
 On CPU the custom VJP rules out forward-mode derivatives (jax.jvp, jacfwd, hessian) through a
-Dense layer, as bf16_dot_general's does on every backend; nothing in lm takes them. Its output carries the checkpoint name CHECKPOINT_NAME,
-which the transformer's 'dots' remat policies save as they save every other matmul.
+Dense layer, as bf16_dot_general's does on every backend; nothing in lm takes them. Its output
+carries the checkpoint name CHECKPOINT_NAME, which the transformer's 'dots' remat policies save
+as they save every other matmul.
 
 bf16_dot_general is the projections' matmul when model.matmul_precision is bfloat16: operands
 rounded to bfloat16, products summed in float32, on every backend; on CPU through
@@ -33,6 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lm.kernels import bf16_matmul
 
 CHECKPOINT_NAME = 'dense_matmul'
+_round = bf16_matmul.rounded
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -88,10 +90,6 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
     return checkpoint_name(_matmul(lhs, rhs, precision), CHECKPOINT_NAME)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type)
-
-
-def _round(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.bfloat16)
 
 
 def _bf16_matmul_impl(x_XxK: jax.Array, w_KxO: jax.Array) -> jax.Array:
